@@ -1,0 +1,6 @@
+"""Lightning callbacks of lit_reason, reusable in any project exposing the small protocols they document."""
+
+from lit_reason.callbacks.evaluation import EvalAccuracy
+from lit_reason.callbacks.export import ExportPolicy, save_policy
+
+__all__ = ["EvalAccuracy", "ExportPolicy", "save_policy"]

@@ -1,0 +1,86 @@
+"""Held-out accuracy of the policy during training, logged as ``eval/accuracy``."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from lit_reason.evaluation import evaluate_policy
+
+
+def log_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Sends metrics to every logger at the current global step, outside Lightning's ``self.log``.
+
+    Evaluation runs at fit start and end, where ``self.log`` is not allowed; the values are also
+    put in ``trainer.callback_metrics`` so checkpoint monitors and tests can read them.
+    """
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+    for k, v in metrics.items():
+        trainer.callback_metrics[k] = torch.tensor(float(v))
+
+
+class EvalAccuracy(pl.Callback):
+    """Greedy accuracy on held-out prompts: before training, every N steps, and at the end.
+
+    The LightningModule must expose ``policy`` (a causal LM), ``tokenizer`` and ``task``.
+    Under several processes each rank grades a shard and the counts are summed.
+
+    Args:
+        split: Task split to evaluate on (held out from training).
+        limit: Number of examples (the first ``limit`` of the split, so every run sees the same).
+        every_n_steps: Also evaluate every N optimiser steps (None: only start and end).
+        max_new_tokens: Length limit of the evaluated responses.
+        batch_size: Sequences per forward pass.
+    """
+
+    def __init__(self, split: str = "validation", limit: int = 200, every_n_steps: int | None = None,
+                 max_new_tokens: int = 96, batch_size: int = 128) -> None:
+        if limit < 1:
+            raise ValueError(f"EvalAccuracy.limit must be >= 1, got {limit}")
+        self.split = split
+        self.limit = limit
+        self.every_n_steps = every_n_steps
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.history: list[tuple[int, float]] = []
+        self._last_step = -1
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        for attr in ("policy", "tokenizer", "task"):
+            if not hasattr(pl_module, attr):
+                raise AttributeError(f"EvalAccuracy needs the LightningModule to expose `{attr}`; "
+                                     f"{type(pl_module).__name__} does not")
+        examples = pl_module.task.examples(self.split)[: self.limit]
+        shard = examples[trainer.global_rank :: trainer.world_size]
+        correct = 0.0
+        if shard:
+            result = evaluate_policy(pl_module.policy, pl_module.tokenizer, pl_module.task, shard,
+                                     max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                                     progress=True)
+            correct = result["accuracy"] * result["n"]
+        counts = torch.tensor([correct, float(len(shard))], device=pl_module.device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        acc = float(counts[0] / counts[1])
+        self.history.append((trainer.global_step, acc))
+        self._last_step = trainer.global_step
+        log_metrics(trainer, {"eval/accuracy": acc})
+        return acc
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step != self._last_step or len(self.history) < 2:
+            self.evaluate(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))

@@ -1,0 +1,43 @@
+"""Pure loss and advantage functions of lit_reason, one module per method family.
+
+Every function works on plain tensors (no model, no I/O) and cites the METHODS.md section it
+implements. Losses return ``(loss, metrics)`` with ``metrics`` a dict of detached scalars.
+"""
+
+from lit_reason.losses.common import (
+    broadcast_sequence_values,
+    broadcast_step_values,
+    check_same_shape,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+)
+from lit_reason.losses.grpo import grpo_advantages, rloo_advantages
+from lit_reason.losses.ppo import gae_advantages, ppo_policy_loss, terminal_rewards, value_loss
+from lit_reason.losses.sft import sft_loss
+from lit_reason.losses.vineppo import (
+    fill_values_backward,
+    value_estimation_mask,
+    vineppo_step_advantages,
+    vineppo_token_advantages,
+)
+
+__all__ = [
+    "broadcast_sequence_values",
+    "broadcast_step_values",
+    "check_same_shape",
+    "masked_mean",
+    "masked_sum",
+    "masked_whiten",
+    "grpo_advantages",
+    "rloo_advantages",
+    "gae_advantages",
+    "ppo_policy_loss",
+    "terminal_rewards",
+    "value_loss",
+    "sft_loss",
+    "fill_values_backward",
+    "value_estimation_mask",
+    "vineppo_step_advantages",
+    "vineppo_token_advantages",
+]

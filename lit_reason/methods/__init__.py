@@ -1,0 +1,5 @@
+"""One LightningModule per method."""
+
+from lit_reason.methods.sft import SFT
+
+__all__ = ["SFT"]

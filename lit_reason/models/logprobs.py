@@ -1,0 +1,84 @@
+"""Log-probability utilities shared by every method (policy, reference, implicit values)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a left-padded prompt sees the same RoPE angles.
+
+    Args:
+        attention_mask: [B, T] 1 on real tokens.
+
+    Returns:
+        [B, T] long positions (0 on padding).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits that predict each response token.
+
+    Args:
+        model: A causal LM returning ``.logits``.
+        input_ids: [B, P+L] prompt (left-padded) then response (right-padded).
+        attention_mask: [B, P+L].
+        prompt_len: P.
+
+    Returns:
+        [B, L, V] float logits; row t predicts response token t.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+    return out.logits[:, prompt_len - 1 : -1].float()
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[tokens].
+
+    Args:
+        logits: [B, L, V].
+        tokens: [B, L] long.
+        temperature: Sampling temperature the tokens were drawn with (VinePPO divides by it).
+
+    Returns:
+        [B, L] log-probabilities.
+    """
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def response_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, temperature: float = 1.0
+) -> torch.Tensor:
+    """Per-token log pi(y_t | x, y_<t) of the response part.
+
+    Args:
+        model: A causal LM.
+        input_ids: [B, P+L].
+        attention_mask: [B, P+L].
+        prompt_len: P.
+        temperature: Divides the logits first (1.0 = the model's own distribution).
+
+    Returns:
+        [B, L] log-probabilities (values on padded positions are meaningless; mask them).
+    """
+    logits = response_logits(model, input_ids, attention_mask, prompt_len)
+    return gather_logprobs(logits, input_ids[:, prompt_len:], temperature)
+
+
+def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Exact KL(pi || pi_ref) over the full vocabulary at each position.
+
+    Args:
+        logits: [B, L, V] policy logits.
+        ref_logits: [B, L, V] reference logits.
+
+    Returns:
+        [B, L] KL per position.
+    """
+    logp = torch.log_softmax(logits.float(), -1)
+    ref = torch.log_softmax(ref_logits.float(), -1)
+    return F.kl_div(ref, logp, log_target=True, reduction="none").sum(-1)

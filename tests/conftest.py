@@ -1,0 +1,46 @@
+"""Shared fixtures: where the real data lives, and the tiny model/tokenizer built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """Returns the real-data folder: ``$LIT_REASON_DATA`` or ``../shared/data`` beside the repo."""
+    env = os.environ.get("LIT_REASON_DATA")
+    candidate = Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+    return candidate if candidate.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real GSM8K/MATH-500 folder; skips with a reason where absent, but never when CI=true."""
+    found = shared_data_dir()
+    if found is None:
+        reason = (
+            "real data not found: set LIT_REASON_DATA to the folder holding gsm8k/ and math500/ "
+            "(default ../shared/data beside the repository)"
+        )
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason + " -- CI=true, so this is an error, not a skip")
+        pytest.skip(reason)
+    return found
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from lit_reason.models.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer):
+    from lit_reason.models.tiny import build_tiny_model
+
+    return build_tiny_model(tiny_tokenizer, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
