@@ -70,7 +70,7 @@ def normalize_latex(answer: str) -> str:
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     s = re.sub(r"\^\{?\\circ\}?", "", s)
-    s = re.sub(r"\\left|\\right|\\[!,;:]|\\%|\$|~", "", s)
+    s = re.sub(r"\\(?:left|right)(?![A-Za-z])|\\[!,;:]|\\%|\$|~", "", s)
     s = re.sub(r"\s+", "", s)
     return s.rstrip(".")
 
