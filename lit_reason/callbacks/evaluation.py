@@ -79,6 +79,11 @@ class EvalAccuracy(pl.Callback):
         if trainer.global_step != self._last_step or len(self.history) < 2:
             self.evaluate(trainer, pl_module)
 
+    @property
+    def state_key(self) -> str:
+        # several evaluators (other splits or schedules) may sit side by side in one Trainer
+        return self._generate_state_key(split=self.split, limit=self.limit, every_n_steps=self.every_n_steps)
+
     def state_dict(self) -> dict:
         return {"history": self.history}
 

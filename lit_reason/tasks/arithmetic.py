@@ -107,7 +107,9 @@ class ArithmeticTask(Task):
         ):
             lo, hi = num_operands
         else:
-            raise ValueError(f"num_operands must be an int or an inclusive (min, max) pair of ints, got {num_operands!r}")
+            raise ValueError(
+                f"num_operands must be an int or an inclusive (min, max) pair of ints, got {num_operands!r}"
+            )
         if lo < 2 or hi < lo:
             raise ValueError(f"num_operands must be >= 2 (and min <= max), got {num_operands!r}")
         return lo, hi

@@ -64,7 +64,7 @@ class Task(ABC):
     @staticmethod
     def _check_split(split: str, available: tuple[str, ...] | list[str]) -> None:
         if split not in available:
-            raise ValueError(f"unknown split {split!r}; available splits: {', '.join(available)}")
+            raise ValueError(f"split {split!r} is not available; available splits: {', '.join(available)}")
 
 
 class DatasetTask(Task):
@@ -108,7 +108,6 @@ class DatasetTask(Task):
 
     def examples(self, split: str) -> list[dict]:
         """Returns the rows of ``split`` as the data has them (cached after the first call)."""
-        self._check_split(split, SPLITS)
         if split not in self._cache:
             raw = self._load_raw()
             self._check_split(split, self._available(raw))

@@ -160,13 +160,18 @@ class SympyVerifier:
     def close(self) -> None:
         """Stops the worker (a later `check` starts a new one)."""
         with self._lock:
+            self._forget_if_forked()
             self._stop()
 
-    def _ensure_worker(self) -> subprocess.Popen:
+    def _forget_if_forked(self) -> None:
         # After a fork (e.g. DataLoader workers) the inherited pipes belong to the parent's
-        # worker; talking to it from two processes would mix replies, so start our own.
+        # worker: talking to it from two processes would mix replies, and stopping it would break
+        # the parent. So a forked copy drops it, untouched, and starts its own.
         if os.getpid() != self._owner_pid:
             self._proc, self._buffer, self._owner_pid = None, b"", os.getpid()
+
+    def _ensure_worker(self) -> subprocess.Popen:
+        self._forget_if_forked()
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
         self._stop()
@@ -181,10 +186,11 @@ class SympyVerifier:
             env=env,
             bufsize=0,
         )
-        weakref.finalize(self, _kill, proc)
+        weakref.finalize(self, _kill, proc, os.getpid())
         line = self._read_line(proc, self.startup_timeout_s)
         if line is None or not json.loads(line).get("ready"):
             _kill(proc)
+            self._buffer = b""
             raise RuntimeError(
                 f"the math_verify worker process did not start within {self.startup_timeout_s} s "
                 f"(see its stderr above; is math-verify installed for {sys.executable}?)"
@@ -223,7 +229,10 @@ class SympyVerifier:
         self.__init__(**state)
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _kill(proc: subprocess.Popen, owner_pid: int | None = None) -> None:
+    """Stops a worker; a forked copy of its owner (``owner_pid`` differs) leaves it alone."""
+    if owner_pid is not None and os.getpid() != owner_pid:
+        return
     if proc.poll() is None:
         proc.kill()
     proc.wait()

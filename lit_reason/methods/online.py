@@ -1,0 +1,222 @@
+"""The online loop shared by PPO, VinePPO, GRPO and RLOO (DESIGN sec. 1, "Online").
+
+Each training step is one *iteration*: sample prompts, roll out the current policy, compute
+targets (the method's advantage estimator), then run ``epochs_per_iteration`` epochs of
+minibatch PPO-clip updates over that batch (manual optimisation; METHODS sec. 1 "Whitening and
+loss"). ``trainer.max_steps`` counts optimiser steps, as in the papers.
+
+Subclasses implement :meth:`compute_advantages` (and, for value calibration, ``state_values``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, RandomSampler
+
+from lit_reason.losses.ppo import ppo_policy_loss
+from lit_reason.methods.common import resolve_task
+from lit_reason.models.logprobs import response_logprobs
+from lit_reason.models.policy import Reference, build_policy
+from lit_reason.rollout.batch import TrajectoryBatch
+from lit_reason.rollout.sampler import RolloutEngine
+from lit_reason.rollout.trajectories import rollout
+from lit_reason.steps import StepSplitter
+
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def _as_list(batch: list[dict]) -> list[dict]:
+    return list(batch)
+
+
+class OnlineRL(pl.LightningModule):
+    """Rollout -> targets -> PPO-clip epochs; the advantage estimator is the subclass's.
+
+    Args:
+        policy: Start policy (``embedded:arithmetic`` = the SFT'd tiny model).
+        task: Task instance, name, or ``{name: ..., **kwargs}``.
+        prompts_per_iteration: Prompts sampled (with replacement) per iteration.
+        samples_per_prompt: Responses per prompt (GRPO/RLOO group size).
+        epochs_per_iteration: Passes over each rollout batch (VinePPO: 2).
+        minibatch_size: Sequences per optimiser step.
+        lr: Policy learning rate (AdamW, betas (0.9, 0.95), constant after warmup).
+        warmup_steps: Linear LR warmup in optimiser steps.
+        weight_decay: AdamW weight decay.
+        temperature: Sampling temperature; training log-probs divide logits by it (VinePPO).
+        top_p: Nucleus mass of sampling.
+        max_new_tokens: Response length limit (a cut response earns 0).
+        clip_eps: PPO ratio clip.
+        kl_coef: Weight of the k3 KL to the reference, in the loss (VinePPO: 1e-4).
+        kl_clip_max: Clip of the per-token k3 term.
+        ratio_threshold: Skip a minibatch whose mean ratio exceeds this (None: never).
+        whiten_advantages: Whiten over the global batch's tokens.
+        splitter: Step-splitting policy (``newline``, ``double_newline``, ``math``).
+        merge_answer_line: Merge the task's final-answer line into the last step (VinePPO's
+            GSM8K split keeps ``#### N`` with the last step).
+        grad_clip: Gradient-norm clip per optimiser step.
+        dtype: Parameter dtype (``bf16`` on GPUs).
+        lora: LoRA arguments; the reference is then the base with the adapter disabled.
+        rollout_batch_size: Sequences decoded together.
+        seed: Seed of sampling and minibatch shuffling.
+        progress: Progress bars for rollouts.
+    """
+
+    def __init__(
+        self,
+        policy: str = "embedded:arithmetic",
+        task: Any = "arithmetic",
+        prompts_per_iteration: int = 16,
+        samples_per_prompt: int = 4,
+        epochs_per_iteration: int = 2,
+        minibatch_size: int = 32,
+        lr: float = 1e-4,
+        warmup_steps: int = 0,
+        weight_decay: float = 0.0,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 96,
+        clip_eps: float = 0.2,
+        kl_coef: float = 1e-4,
+        kl_clip_max: float | None = 10.0,
+        ratio_threshold: float | None = None,
+        whiten_advantages: bool = True,
+        splitter: str = "newline",
+        merge_answer_line: bool = True,
+        grad_clip: float | None = 1.0,
+        dtype: str | None = None,
+        lora: dict | None = None,
+        rollout_batch_size: int = 256,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        for name in ("prompts_per_iteration", "samples_per_prompt", "epochs_per_iteration", "minibatch_size"):
+            if locals()[name] < 1:
+                raise ValueError(f"{name} must be >= 1, got {locals()[name]}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for on-policy sampling, got {temperature}")
+        self.save_hyperparameters(ignore=["task"])
+        self.automatic_optimization = False
+        self.task = resolve_task(task)
+        self.policy, self.tokenizer = build_policy(policy, dtype=dtype, lora=lora)
+        self.reference = Reference(self.policy)
+        answer_prefix = getattr(self.task, "answer_prefix", None) if merge_answer_line else None
+        self.splitter = StepSplitter(splitter, answer_prefix=answer_prefix)
+        self.engine = RolloutEngine(self.policy, self.tokenizer, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_p=top_p, batch_size=rollout_batch_size,
+                                    seed=seed, progress=progress)
+        self._shuffle = torch.Generator().manual_seed(seed)
+        self.skipped_iterations = 0
+
+    # ---- data -------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        rows = self.task.examples("train")
+        sampler = RandomSampler(range(len(rows)), replacement=True, num_samples=len(rows),
+                                generator=torch.Generator().manual_seed(self.hparams.seed))
+        return DataLoader(_Examples(rows), batch_size=self.hparams.prompts_per_iteration, sampler=sampler,
+                          collate_fn=_as_list, drop_last=True)
+
+    # ---- the method's part ------------------------------------------------------------------
+    def compute_advantages(self, traj: TrajectoryBatch) -> torch.Tensor:
+        """Per-token advantages [B, L] of a rollout batch (the method's estimator)."""
+        raise NotImplementedError
+
+    def critic_loss(self, mb: TrajectoryBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """An extra loss per minibatch (PPO's critic); None for critic-free methods."""
+        return None
+
+    def critic_parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    # ---- the loop ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect(self, examples: list[dict]) -> TrajectoryBatch:
+        """Rolls out the current policy and attaches behaviour and reference log-probs."""
+        traj = rollout(self.engine, self.task, self.splitter, examples, k=self.hparams.samples_per_prompt).to(self.device)
+        T = self.hparams.temperature
+        self.policy.eval()
+        old, ref = [], []
+        for idx in torch.arange(len(traj)).split(self.hparams.minibatch_size):
+            mb = traj.select(idx)
+            old.append(response_logprobs(self.policy, mb.input_ids, mb.attention_mask, mb.prompt_len, T))
+            ref.append(self.reference.logprobs(mb.input_ids, mb.attention_mask, mb.prompt_len, T))
+        self.policy.train()
+        traj.old_logprobs, traj.ref_logprobs = torch.cat(old), torch.cat(ref)
+        return traj
+
+    def training_step(self, examples: list[dict], batch_idx: int) -> None:
+        hp = self.hparams
+        traj = self.collect(examples)
+        stats = {
+            "train/reward": traj.rewards.mean(),
+            "train/finished": traj.finished.float().mean(),
+            "train/response_tokens": traj.response_mask.sum(-1).mean(),
+            "train/num_steps": traj.num_steps.float().mean(),
+        }
+        if not bool(traj.finished.any()):
+            # nothing to learn from: every response was cut at max_new_tokens (documented skip)
+            self.skipped_iterations += 1
+            rank_zero_warn(f"iteration {batch_idx}: no response finished within max_new_tokens="
+                           f"{hp.max_new_tokens}; skipping its update ({self.skipped_iterations} skipped so far)")
+            self.log_dict({**stats, "train/skipped_iterations": float(self.skipped_iterations)})
+            return None
+        traj.advantages = self.compute_advantages(traj).detach()
+        opt = self.optimizers()
+        sums: dict[str, float] = defaultdict(float)
+        n = 0
+        for _ in range(hp.epochs_per_iteration):
+            perm = torch.randperm(len(traj), generator=self._shuffle)
+            for idx in perm.split(hp.minibatch_size):
+                mb = traj.select(idx)
+                logp = response_logprobs(self.policy, mb.input_ids, mb.attention_mask, mb.prompt_len, hp.temperature)
+                loss, metrics = ppo_policy_loss(
+                    logp, mb.old_logprobs, mb.advantages, mb.response_mask, clip_eps=hp.clip_eps,
+                    ref_logprobs=mb.ref_logprobs, kl_coef=hp.kl_coef, kl_clip_max=hp.kl_clip_max,
+                    ratio_threshold=hp.ratio_threshold,
+                )
+                extra = self.critic_loss(mb)
+                if extra is not None:
+                    loss = loss + extra[0]
+                    metrics = {**metrics, **extra[1]}
+                opt.zero_grad()
+                self.manual_backward(loss)
+                if hp.grad_clip:
+                    self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+                opt.step()
+                sch = self.lr_schedulers()
+                if sch is not None:
+                    sch.step()
+                for k, v in metrics.items():
+                    sums[k] += float(v)
+                n += 1
+        stats.update({f"train/{k}": v / n for k, v in sums.items()})
+        stats["train/skipped_iterations"] = float(self.skipped_iterations)
+        self.log_dict(stats, prog_bar=False)
+        self.log("reward", traj.rewards.mean(), prog_bar=True)
+        return None
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": hp.lr}]
+        critic = self.critic_parameters()
+        if critic:
+            groups.append({"params": critic, "lr": getattr(hp, "critic_lr", hp.lr)})
+        opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay, betas=(0.9, 0.95))
+        if hp.warmup_steps <= 0:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / hp.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

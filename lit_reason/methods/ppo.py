@@ -1,0 +1,72 @@
+"""PPO with a learned critic and GAE: VinePPO's baseline (METHODS sec. 1 "PPO baseline", decision 3).
+
+The critic is a separate LM with a scalar head initialised from the policy checkpoint, trained
+jointly with the clipped value loss 0.5 * masked_mean(max((V-G)^2, (clip(V, V_old +- c) - G)^2)).
+GAE uses gamma = lambda = 1 by default; advantages are whitened over the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lit_reason.losses.common import masked_whiten
+from lit_reason.losses.ppo import gae_advantages, terminal_rewards, value_loss
+from lit_reason.methods.online import OnlineRL
+from lit_reason.models.value import ValueModel, last_token_values
+from lit_reason.rollout.batch import TrajectoryBatch
+
+
+class PPO(OnlineRL):
+    """PPO + GAE with a separate critic. Other arguments: :class:`lit_reason.methods.online.OnlineRL`.
+
+    Args:
+        critic_lr: Learning rate of the critic's parameter group.
+        gamma: GAE discount (1.0 as VinePPO's tuned baseline).
+        lam: GAE lambda (1.0 likewise).
+        value_clip: Clip range of the value loss around the rollout-time values.
+        vf_coef: Weight of the value loss in the summed loss (separate parameters, one optimiser).
+    """
+
+    def __init__(self, critic_lr: float = 1e-4, gamma: float = 1.0, lam: float = 1.0, value_clip: float | None = 0.2,
+                 vf_coef: float = 1.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters(ignore=["task"])
+        self.critic = ValueModel.from_policy_name(self.hparams.policy, dtype=self.hparams.dtype, lora=self.hparams.lora)
+
+    def critic_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.critic.parameters() if p.requires_grad]
+
+    def compute_advantages(self, traj: TrajectoryBatch) -> torch.Tensor:
+        with torch.no_grad():
+            values = torch.cat([
+                self.critic.response_values(mb.input_ids, mb.attention_mask, mb.prompt_len)
+                for mb in (traj.select(i) for i in torch.arange(len(traj)).split(self.hparams.minibatch_size))
+            ])
+        values = values * traj.response_mask
+        rewards = terminal_rewards(traj.rewards, traj.response_mask)
+        adv, returns = gae_advantages(rewards, values, traj.response_mask, self.hparams.gamma, self.hparams.lam)
+        traj.old_values, traj.returns = values, returns
+        if self.hparams.whiten_advantages:
+            adv = masked_whiten(adv, traj.response_mask)
+        return adv
+
+    def critic_loss(self, mb: TrajectoryBatch):
+        values = self.critic.response_values(mb.input_ids, mb.attention_mask, mb.prompt_len)
+        loss, metrics = value_loss(values, mb.old_values, mb.returns, mb.response_mask, clip_range=self.hparams.value_clip)
+        return self.hparams.vf_coef * loss, metrics
+
+    @torch.no_grad()
+    def state_values(self, prompt_ids, partial_ids, examples) -> torch.Tensor:
+        """Value-calibration protocol: the critic's value at the last token of each state."""
+        seqs = [list(p) + list(q) for p, q in zip(prompt_ids, partial_ids)]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.as_tensor(s)
+            mask[i, : len(s)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        out = []
+        for chunk in torch.arange(len(seqs)).split(128):
+            out.append(last_token_values(self.critic(ids[chunk], mask[chunk]), mask[chunk]))
+        return torch.cat(out).cpu()
