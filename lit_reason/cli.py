@@ -44,6 +44,7 @@ def run_lightning_cli(args: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m lit_reason`` and the ``lit-reason`` script."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _set_defaults()
     if argv and argv[0] == "evaluate":
@@ -55,4 +56,6 @@ def main(argv: list[str] | None = None) -> None:
         for name, text in EXTRA_COMMANDS.items():
             print(f"  {name:<10} {text}")
         print()
-    run_lightning_cli(argv)
+    # args=None lets LightningCLI read sys.argv itself; passing a copy of it makes Lightning warn
+    # "not recommended to provide both args and command line arguments" on every run
+    run_lightning_cli(None if from_command_line else argv)

@@ -46,12 +46,15 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"--limit must be >= 1, got {args.limit}")
     if args.samples < 0:
         raise SystemExit(f"--samples must be >= 0, got {args.samples}")
-    from lit_reason.evaluation import evaluate_policy, format_table
-    from lit_reason.models.loading import load_policy
     from lit_reason.tasks import get_task
 
+    # the task (a light import) first, so a typo in --task or --data fails before torch loads
     task = get_task(args.task, **({"path": args.data} if args.data else {}))
     examples = task.examples(args.split)[: args.limit]
+
+    from lit_reason.evaluation import evaluate_policy, format_table
+    from lit_reason.models.loading import load_policy
+
     model, tokenizer = load_policy(args.policy, dtype=args.dtype)
     max_new = args.max_new_tokens or (96 if args.task == "arithmetic" else 256)
     result = evaluate_policy(model, tokenizer, task, examples, samples=args.samples, temperature=args.temperature,

@@ -12,6 +12,7 @@ Names:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +71,27 @@ def _check_safetensors(path: Path) -> None:
         raise ValueError(f"weight file {path} is truncated: {size} bytes, header promises {8 + n + end}")
 
 
-def load_tokenizer(name_or_path: str):
-    """The tokenizer of a policy name (see module doc)."""
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set, read now (``huggingface_hub`` reads it once, at import)."""
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
+        pass
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def load_tokenizer(name_or_path: str, **kwargs):
+    """The tokenizer of a policy name (see module doc); ``kwargs`` go to ``from_pretrained``."""
     if name_or_path.startswith(EMBEDDED_PREFIX):
         if name_or_path == "embedded:tiny":
             from lit_reason.models.tiny import build_tokenizer
 
             return build_tokenizer()
         return load_tokenizer(str(_embedded_path(name_or_path)))
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+    tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     if tok.pad_token_id is None:
         # real causal LMs often ship without a pad token; EOS is the usual stand-in
         tok.pad_token = tok.eos_token
@@ -125,9 +138,15 @@ def load_policy(
     kwargs = dict(model_kwargs or {})
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    tok_kwargs = {}
+    if not looks_local and hub_offline():
+        # fail fast from the local HF cache instead of retrying the network for a minute; the
+        # adapter (peft) probe of from_pretrained needs the flag separately
+        kwargs["local_files_only"] = tok_kwargs["local_files_only"] = True
+        kwargs["adapter_kwargs"] = {**(kwargs.get("adapter_kwargs") or {}), "local_files_only": True}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name_or_path, **kwargs)
-        tok = load_tokenizer(str(path) if looks_local else name_or_path)
+        tok = load_tokenizer(str(path) if looks_local else name_or_path, **tok_kwargs)
     except OSError as err:
         if looks_local:
             raise ValueError(f"could not load policy checkpoint {path}: {err}") from err

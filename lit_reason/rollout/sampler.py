@@ -142,6 +142,14 @@ class RolloutEngine:
         temperature = self.temperature if temperature is None else temperature
         top_p = self.top_p if top_p is None else top_p
         max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        # per-call overrides get the constructor's checks (a negative temperature would silently
+        # invert the distribution; top_p = 0 would mask every token)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if max_new < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
         stops = self.stop_strings if stop_strings is None else tuple(stop_strings)
         per_chunk = max(1, self.batch_size // k)
         chunks = [prefixes[i : i + per_chunk] for i in range(0, len(prefixes), per_chunk)]

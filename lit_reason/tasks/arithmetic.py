@@ -69,8 +69,8 @@ class ArithmeticTask(Task):
     def __init__(
         self,
         seed: int = 0,
-        num_operands: int | tuple[int, int] = (3, 4),
-        digits: int = 2,
+        num_operands: int | tuple[int, int] = (3, 6),
+        digits: int = 1,
         operators: str = "+-",
         n_train: int = 20000,
         n_validation: int = 500,
