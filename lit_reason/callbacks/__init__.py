@@ -4,4 +4,4 @@ from lit_reason.callbacks.evaluation import EvalAccuracy
 from lit_reason.callbacks.export import ExportPolicy, save_policy
 from lit_reason.callbacks.value_calibration import ValueCalibration
 
-__all__ = ["EvalAccuracy", "ExportPolicy", "save_policy"]
+__all__ = ["EvalAccuracy", "ExportPolicy", "ValueCalibration", "save_policy"]
