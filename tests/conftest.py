@@ -44,3 +44,20 @@ def tiny_model(tiny_tokenizer):
     from lit_reason.models.tiny import build_tiny_model
 
     return build_tiny_model(tiny_tokenizer, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
+    """The tiny model saved as a policy folder (what a user passes as ``policy: PATH``)."""
+    path = tmp_path_factory.mktemp("tiny_policy")
+    tiny_model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def embedded_arithmetic():
+    """The real ``embedded:arithmetic`` folder, built by the SFT recipe on first use (minutes, once)."""
+    from lit_reason.models.embedded import ensure_embedded
+
+    return ensure_embedded("arithmetic")

@@ -295,8 +295,12 @@ def test_concat_repads_batches_of_different_shapes(sampled, tiny_tokenizer, spli
     assert out.prompt_len == max(a.prompt_len, b.prompt_len)
     assert out.response_mask.shape[1] == max(a.response_mask.shape[1], b.response_mask.shape[1])
     assert out.step_ends.shape[1] == max(a.step_ends.shape[1], b.step_ends.shape[1])
-    expected = [row_view(a, i) for i in range(len(a))] + [row_view(b, i) for i in range(len(b))]
+    # group ids of the second batch are offset past the first's, so prompts never merge
+    offset = int(a.group_ids.max()) + 1
+    b_rows = [{**row_view(b, i), "group": int(b.group_ids[i]) + offset} for i in range(len(b))]
+    expected = [row_view(a, i) for i in range(len(a))] + b_rows
     assert [row_view(out, i) for i in range(len(out))] == expected
+    assert set(out.group_ids[: len(a)].tolist()).isdisjoint(out.group_ids[len(a) :].tolist())
     check_step_layout(out)
     # padding outside the masks is pad / 0 / -1
     P = out.prompt_len

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning.pytorch as pl
 import torch
 
@@ -45,12 +47,15 @@ class EvalAccuracy(pl.Callback):
         self.batch_size = batch_size
         self.history: list[tuple[int, float]] = []
         self._last_step = -1
+        self._fit_start = time.perf_counter()
+        self._eval_seconds = 0.0
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         for attr in ("policy", "tokenizer", "task"):
             if not hasattr(pl_module, attr):
                 raise AttributeError(f"EvalAccuracy needs the LightningModule to expose `{attr}`; "
                                      f"{type(pl_module).__name__} does not")
+        started = time.perf_counter()
         examples = pl_module.task.examples(self.split)[: self.limit]
         shard = examples[trainer.global_rank :: trainer.world_size]
         correct = 0.0
@@ -64,10 +69,15 @@ class EvalAccuracy(pl.Callback):
         acc = float(counts[0] / counts[1])
         self.history.append((trainer.global_step, acc))
         self._last_step = trainer.global_step
-        log_metrics(trainer, {"eval/accuracy": acc})
+        # wall-clock since fit start, excluding evaluation itself, for accuracy-vs-time curves
+        elapsed = time.perf_counter() - self._fit_start - self._eval_seconds
+        self._eval_seconds += time.perf_counter() - started
+        log_metrics(trainer, {"eval/accuracy": acc, "eval/train_seconds": elapsed})
         return acc
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+        self._eval_seconds = 0.0
         self.evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -41,6 +42,15 @@ def write_json_atomic(obj, path: str | os.PathLike) -> None:
 
 
 def main(argv: list[str]) -> int:
+    """Runs the command; bad input (task, data, policy) exits 2 with one line naming the culprit."""
+    try:
+        return _run(argv)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be >= 1, got {args.limit}")

@@ -36,6 +36,7 @@ def build_policy(
         ``(model, tokenizer)``.
     """
     model, tokenizer = load_policy(name, dtype=dtype, tiny_kwargs=tiny)
+    model.train()  # from_pretrained returns eval mode; the training loops switch to eval where they sample
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if lora:

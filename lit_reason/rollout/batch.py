@@ -164,8 +164,14 @@ class TrajectoryBatch:
         for name in _OPTIONAL_TENSORS:
             if name in out and len(parts[name]) != len(batches):
                 raise ValueError(f"cannot concat: only some batches carry {name}")
-        for name in ("num_steps", "rewards", "finished", "group_ids"):
+        for name in ("num_steps", "rewards", "finished"):
             out[name] = torch.cat([getattr(b, name) for b in batches])
+        # prompts of different batches are different groups: offset each batch's ids past the last
+        groups, offset = [], 0
+        for b in batches:
+            groups.append(b.group_ids + offset)
+            offset += int(b.group_ids.max()) + 1 if len(b) else 0
+        out["group_ids"] = torch.cat(groups)
         for name in ("prompts", "responses", "examples"):
             out[name] = [x for b in batches for x in getattr(b, name)]
         return TrajectoryBatch(prompt_len=P, **out)

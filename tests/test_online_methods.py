@@ -1,0 +1,131 @@
+"""The online methods (PPO, VinePPO, GRPO, RLOO) on the real tiny model: the loop, targets, frozen reference."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lit_reason.methods import GRPO, PPO, RLOO, VinePPO
+from lit_reason.models.logprobs import response_logprobs
+
+TASK = {"name": "arithmetic", "n_train": 64, "n_validation": 8, "n_test": 8}
+
+
+def small(policy: str, **kw):
+    base = dict(policy=policy, task=TASK, prompts_per_iteration=2, samples_per_prompt=2, minibatch_size=4,
+                max_new_tokens=12, progress=False, rollout_batch_size=64)
+    base.update(kw)
+    return base
+
+
+def fit(module, steps: int = 2) -> pl.Trainer:
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module)
+    return trainer
+
+
+def force_eos_after(module, n_tokens: int):
+    """Makes the real policy end responses early: a hook adds a large EOS logit after n_tokens positions."""
+    eos = module.tokenizer.eos_token_id
+
+    def hook(_mod, _inp, out):
+        out.logits[..., eos] += 4.0
+        return out
+
+    return module.policy.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("cls,extra", [(VinePPO, {"mc_rollouts": 2}), (PPO, {}), (GRPO, {}), (RLOO, {})])
+def test_each_method_trains_and_keeps_reference_frozen(cls, extra, tiny_policy_dir):
+    torch.manual_seed(0)
+    module = cls(**small(tiny_policy_dir, **extra))
+    handle = force_eos_after(module, 4)
+    examples = module.task.examples("train")[:2]
+    traj = module.collect(examples)
+    ref_before = module.reference.logprobs(traj.input_ids, traj.attention_mask, traj.prompt_len)
+    pol_before = [p.detach().clone() for p in module.policy.parameters()]
+    trainer = fit(module, steps=2)
+    handle.remove()
+    assert trainer.global_step >= 2
+    ref_after = module.reference.logprobs(traj.input_ids, traj.attention_mask, traj.prompt_len)
+    torch.testing.assert_close(ref_before, ref_after)  # the reference never moves
+    changed = any(not torch.equal(a, b) for a, b in zip(pol_before, module.policy.parameters()))
+    assert changed, "the policy did not change after two optimiser steps"
+    for p in module.reference.model.parameters():
+        assert not p.requires_grad
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/pg_loss"])
+    assert 0.0 <= float(metrics["train/finished"]) <= 1.0
+
+
+def test_vineppo_advantages_follow_mc_values(tiny_policy_dir):
+    module = VinePPO(**small(tiny_policy_dir, mc_rollouts=3, samples_per_prompt=3))
+    handle = force_eos_after(module, 4)
+    traj = module.collect(module.task.examples("train")[:2])
+    adv = module.compute_advantages(traj)
+    handle.remove()
+    values = traj.step_values
+    assert values.shape == traj.step_ends.shape
+    # values are means of 3 binary rewards: multiples of 1/3 in [0, 1]
+    assert ((values * 3 - (values * 3).round()).abs() < 1e-5).all()
+    # S_0 (the prompt) is shared by all samples of a prompt: one estimate per prompt
+    for g in traj.group_ids.unique():
+        v0 = values[traj.group_ids == g, 0]
+        assert torch.all(v0 == v0[0])
+    assert adv.shape == traj.response_mask.shape
+    assert (adv * (1 - traj.response_mask)).abs().sum() == 0
+    # whitened over valid tokens: mean 0 (or all zero when every advantage was equal)
+    valid = adv[traj.response_mask.bool()]
+    assert abs(float(valid.mean())) < 1e-4
+
+
+def test_vineppo_rejects_zero_rollouts():
+    with pytest.raises(ValueError, match="mc_rollouts"):
+        VinePPO(mc_rollouts=0)
+
+
+@pytest.mark.parametrize("cls", [GRPO, RLOO])
+def test_group_methods_need_two_samples(cls, tiny_policy_dir):
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        cls(**small(tiny_policy_dir, samples_per_prompt=1))
+
+
+def test_iteration_with_no_finished_response_is_a_logged_skip(tiny_policy_dir):
+    # one new token: every response is cut (finish == "length"), so nothing can be learned
+    module = GRPO(**small(tiny_policy_dir, max_new_tokens=1))
+    before = [p.detach().clone() for p in module.policy.parameters()]
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_train_batches=3, max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match="no response finished"):
+        trainer.fit(module)
+    assert module.skipped_iterations == 3
+    assert float(trainer.callback_metrics["train/skipped_iterations"]) == 3.0
+    assert all(torch.equal(a, b) for a, b in zip(before, module.policy.parameters()))
+
+
+def test_ppo_critic_state_values_read_last_token(tiny_policy_dir):
+    module = PPO(**small(tiny_policy_dir))
+    prompts = [[5, 6, 7], [8, 9]]
+    partials = [[10], []]
+    v = module.state_values(prompts, partials, [{}, {}])
+    full = module.critic(torch.tensor([[5, 6, 7, 10]]), torch.ones(1, 4, dtype=torch.long))
+    assert v.shape == (2,)
+    torch.testing.assert_close(v[0], full[0, -1])
+    # the critic is a separate copy: its trunk shares no storage with the policy
+    pol = {p.data_ptr() for p in module.policy.parameters()}
+    assert not pol & {p.data_ptr() for p in module.critic.parameters()}
+
+
+def test_lora_reference_is_the_base_with_adapter_disabled(tiny_policy_dir):
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+    module = GRPO(**small(tiny_policy_dir, lora=lora))
+    assert module.reference.shares_policy and module.reference.model is module.policy  # no second copy
+    traj = module.collect(module.task.examples("train")[:2])
+    with module.policy.disable_adapter():
+        base = response_logprobs(module.policy, traj.input_ids, traj.attention_mask, traj.prompt_len)
+    ref = module.reference.logprobs(traj.input_ids, traj.attention_mask, traj.prompt_len)
+    torch.testing.assert_close(ref, base)
+    adapted = response_logprobs(module.policy, traj.input_ids, traj.attention_mask, traj.prompt_len)
+    assert not torch.allclose(adapted, ref)  # random (non-zero) LoRA init changes the policy
