@@ -56,14 +56,16 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", default="arithmetic", help="arithmetic, or gsm8k for longer prompts (needs --data or $LIT_REASON_DATA)")
+    p.add_argument("--data", default=None)
     args = p.parse_args()
 
     model, tok = load_policy(args.policy)
     model.eval()
-    task = get_task("arithmetic")
+    task = get_task(args.task, **({"path": args.data} if args.data else {}))
     splitter = StepSplitter(answer_prefix=task.answer_prefix)
     engine = RolloutEngine(model, tok, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
-    batch = rollout(engine, task, splitter, task.examples("validation")[: args.prompts], k=1)
+    batch = rollout(engine, task, splitter, task.examples("validation" if args.task == "arithmetic" else "test")[: args.prompts], k=1)
     states = step_states(batch)
     prefixes = [s[2] + s[3] for s in states]
     prefix_tokens = sum(len(x) for x in prefixes)
@@ -83,7 +85,7 @@ def main() -> None:
     rate = matmul_gflops()
     per_token = forward_flops_per_token(model)
     base = results[1][1]
-    print(f"policy {args.policy}: {len(states)} step-boundary states from {args.prompts} prompts, K={args.k}, "
+    print(f"task {args.task}, policy {args.policy}: {len(states)} step-boundary states from {args.prompts} prompts, K={args.k}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, torch threads {torch.get_num_threads()}")
     print(f"measured float32 matmul rate: {rate:.1f} GFLOP/s (1024^3 matmul)")
     header = f"{'method':<32}{'seconds':>9}{'speed-up':>10}{'gen tok/s':>11}{'prefill tok':>13}{'GFLOP/s':>9}{'% of matmul':>13}"
