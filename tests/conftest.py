@@ -32,6 +32,18 @@ def data_dir() -> Path:
     return found
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One intra-op thread for a test module: the tiny model's ops are too small to split, and on
+    busy shared cores two spinning threads make such tests several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from lit_reason.models.tiny import build_tokenizer

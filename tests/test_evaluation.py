@@ -9,14 +9,7 @@ from lit_reason.evaluation import evaluate_policy, format_table, majority_answer
 from lit_reason.tasks import get_task
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """One intra-op thread: the tiny model's ops are too small to split, and on busy shared cores
-    two spinning threads make these tests several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

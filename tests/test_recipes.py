@@ -88,3 +88,19 @@ def test_value_calibration_on_a_value_less_module_fails_clearly(tmp_path):
                    tmp_path)
     assert proc.returncode != 0
     assert "state_values" in proc.stderr and "SFT" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("subcommand,name,key", [("validate", "grpo.yaml", "val/accuracy"),
+                                                  ("test", "vineppo.yaml", "test/accuracy"),
+                                                  ("test", "sft.yaml", "test/loss")])
+def test_validate_and_test_subcommands(subcommand, name, key, tmp_path, embedded_arithmetic):
+    root = tmp_path / "run"
+    extra = ["--model.init_args.eval_limit", "16"] if name != "sft.yaml" else ["--model.init_args.val_limit", "16"]
+    proc = run_cli([subcommand, "--config", f"recipes/{name}", "--trainer.default_root_dir", str(root), *extra],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = read_metrics(root)
+    values = [float(r[key]) for r in rows if r.get(key)]
+    assert len(values) == 1
+    assert values[0] >= 0.0

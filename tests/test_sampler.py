@@ -9,14 +9,7 @@ import torch
 
 from lit_reason.rollout.sampler import Generation, RolloutEngine, top_p_filter
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """One intra-op thread: the tiny model's ops are too small to split, and on busy shared cores
-    two spinning threads make these tests several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 PROMPTS = ["Compute: 12+34-5\n", "Compute: 1+2\n", "Hi"]

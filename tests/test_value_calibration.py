@@ -33,8 +33,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader
 
 from lit_reason.callbacks import ValueCalibration
-from lit_reason.callbacks.value_calibration import state_mc_values
 from lit_reason.models.tiny import build_tiny_model
+from lit_reason.rollout.monte_carlo import mc_values
 from lit_reason.rollout.sampler import RolloutEngine
 from lit_reason.steps import StepSplitter
 from lit_reason.tasks.arithmetic import ArithmeticTask
@@ -104,7 +104,7 @@ class OracleModule(ProbeModule):
     def state_values(self, prompt_ids, partial_ids, examples):
         assert not self.training and not torch.is_grad_enabled()
         engine = RolloutEngine(self.policy, self.tokenizer, max_new_tokens=MAX_NEW, seed=12345)
-        v = state_mc_values(engine, self.task, prompt_ids, partial_ids, examples, k=ORACLE_MC)
+        v = mc_values(engine, self.task, prompt_ids, partial_ids, examples, k=ORACLE_MC)
         return 2.0 * v - 1.0
 
 

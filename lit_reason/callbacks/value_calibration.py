@@ -106,7 +106,7 @@ from lit_reason.rollout.sampler import RolloutEngine
 from lit_reason.rollout.trajectories import encode_prompts, response_steps, rollout
 from lit_reason.steps import StepSplitter
 
-__all__ = ["ProbeState", "ValueCalibration", "state_mc_values"]
+__all__ = ["ProbeState", "ValueCalibration"]
 
 _STATE_VERSION = 1
 _REQUIRED_ATTRS = ("policy", "tokenizer", "task")
@@ -129,43 +129,6 @@ class ProbeState:
     example_index: int
     step_index: int
     outcome: float
-
-
-def state_mc_values(
-    engine: RolloutEngine,
-    task,
-    prompt_ids: Sequence[Sequence[int]],
-    partial_ids: Sequence[Sequence[int]],
-    examples: Sequence[dict],
-    k: int,
-    **sample_kwargs,
-) -> torch.Tensor:
-    """Monte Carlo value of each state, terminal states included.
-
-    Like :func:`~lit_reason.rollout.monte_carlo.mc_values` (which it calls for the others), except
-    that a state whose partial response already ends with the EOS token is terminal: nothing is
-    sampled after it and its value is the reward of its own text.
-
-    Returns:
-        [N] float tensor of values in [0, 1].
-    """
-    if not (len(prompt_ids) == len(partial_ids) == len(examples)):
-        raise ValueError("prompt_ids, partial_ids and examples must have the same length")
-    eos = engine.tokenizer.eos_token_id
-    values = torch.zeros(len(prompt_ids))
-    open_idx = []
-    for i, part in enumerate(partial_ids):
-        if len(part) and part[-1] == eos:
-            text = engine.tokenizer.decode(list(part), skip_special_tokens=True)
-            values[i] = float(task.reward(text, examples[i]))
-        else:
-            open_idx.append(i)
-    if open_idx:
-        values[open_idx] = mc_values(
-            engine, task, [prompt_ids[i] for i in open_idx], [partial_ids[i] for i in open_idx],
-            [examples[i] for i in open_idx], k, **sample_kwargs,
-        ).float()
-    return values
 
 
 def _finite_json(x: Any) -> Any:
@@ -454,7 +417,7 @@ class ValueCalibration(pl.Callback):
             prompts = [states[g].prompt_ids for g, _, _ in flat]
             partials = [states[g].partial_ids + alt for g, _, alt in flat]
             exs = [examples[states[g].example_index] for g, _, _ in flat]
-            mc = state_mc_values(engine, pl_module.task, prompts, partials, exs, self.mc_rollouts,
+            mc = mc_values(engine, pl_module.task, prompts, partials, exs, self.mc_rollouts,
                                  temperature=self.temperature, top_p=self.top_p, desc="rank mc rollouts")
             pv = self.predict(pl_module, prompts, partials, exs)
             for (g, j, _), t, p in zip(flat, mc.tolist(), pv.tolist()):

@@ -12,7 +12,18 @@ from lit_reason.losses.common import (
     masked_sum,
     masked_whiten,
 )
+from lit_reason.losses.dpo import dpo_loss, sequence_logratios
+from lit_reason.losses.dqo import dqo_lambda_returns, dqo_losses
+from lit_reason.losses.dvo import dvo_loss, step_logratios, targets_from_q, targets_from_values
+from lit_reason.losses.dvpo import dvpo_advantages, gvm_loss, td_lambda_targets
 from lit_reason.losses.grpo import grpo_advantages, rloo_advantages
+from lit_reason.losses.oreo import (
+    oreo_importance_weights,
+    oreo_policy_loss,
+    oreo_response_loss,
+    oreo_step_policy_loss,
+    oreo_value_loss,
+)
 from lit_reason.losses.ppo import gae_advantages, ppo_policy_loss, terminal_rewards, value_loss
 from lit_reason.losses.sft import sft_loss
 from lit_reason.losses.vineppo import (
@@ -23,6 +34,22 @@ from lit_reason.losses.vineppo import (
 )
 
 __all__ = [
+    "dpo_loss",
+    "sequence_logratios",
+    "dqo_lambda_returns",
+    "dqo_losses",
+    "dvo_loss",
+    "step_logratios",
+    "targets_from_q",
+    "targets_from_values",
+    "dvpo_advantages",
+    "gvm_loss",
+    "td_lambda_targets",
+    "oreo_importance_weights",
+    "oreo_policy_loss",
+    "oreo_response_loss",
+    "oreo_step_policy_loss",
+    "oreo_value_loss",
     "broadcast_sequence_values",
     "broadcast_step_values",
     "check_same_shape",

@@ -71,6 +71,7 @@ class OnlineRL(pl.LightningModule):
         dtype: Parameter dtype (``bf16`` on GPUs).
         lora: LoRA arguments; the reference is then the base with the adapter disabled.
         rollout_batch_size: Sequences decoded together.
+        eval_limit: Prompts of the ``validate``/``test`` loops (greedy accuracy).
         seed: Seed of sampling and minibatch shuffling.
         progress: Progress bars for rollouts.
     """
@@ -100,6 +101,7 @@ class OnlineRL(pl.LightningModule):
         dtype: str | None = None,
         lora: dict | None = None,
         rollout_batch_size: int = 256,
+        eval_limit: int = 200,
         seed: int = 0,
         progress: bool = True,
     ) -> None:
@@ -129,6 +131,31 @@ class OnlineRL(pl.LightningModule):
                                 generator=torch.Generator().manual_seed(self.hparams.seed))
         return DataLoader(_Examples(rows), batch_size=self.hparams.prompts_per_iteration, sampler=sampler,
                           collate_fn=_as_list, drop_last=True)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        rows = self.task.examples(split)[: self.hparams.eval_limit]
+        return DataLoader(_Examples(rows), batch_size=self.hparams.rollout_batch_size, collate_fn=_as_list)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def _greedy_accuracy(self, examples: list[dict], name: str) -> None:
+        from lit_reason.evaluation import evaluate_policy
+
+        result = evaluate_policy(self.policy, self.tokenizer, self.task, examples,
+                                 max_new_tokens=self.hparams.max_new_tokens, batch_size=self.hparams.rollout_batch_size)
+        self.log(name, result["accuracy"], batch_size=len(examples), prog_bar=True)
+
+    def validation_step(self, examples: list[dict], batch_idx: int) -> None:
+        """``validate``: greedy accuracy on the validation split (``val/accuracy``)."""
+        self._greedy_accuracy(examples, "val/accuracy")
+
+    def test_step(self, examples: list[dict], batch_idx: int) -> None:
+        """``test``: greedy accuracy on the test split (``test/accuracy``)."""
+        self._greedy_accuracy(examples, "test/accuracy")
 
     # ---- the method's part ------------------------------------------------------------------
     def compute_advantages(self, traj: TrajectoryBatch) -> torch.Tensor:

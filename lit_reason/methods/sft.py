@@ -33,7 +33,7 @@ class SFT(pl.LightningModule):
         warmup_steps: Linear warmup, then cosine decay over ``trainer.max_steps``.
         batch_size: Sequences per optimiser step.
         max_length: Longest prompt + solution; longer examples are an error, not cut.
-        val_limit: Validation examples for ``val/loss``.
+        val_limit: Validation (and ``test``) examples for ``val/loss`` / ``test/loss``.
         dtype: Parameter dtype of the policy.
         lora: LoRA arguments (peft), None for full fine-tuning.
         tiny: Size overrides of ``embedded:tiny``.
@@ -74,6 +74,10 @@ class SFT(pl.LightningModule):
         return DataLoader(self._dataset("validation", self.hparams.val_limit), batch_size=self.hparams.batch_size,
                           collate_fn=partial(collate_sft, pad_token_id=self.tokenizer.pad_token_id))
 
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self._dataset("test", self.hparams.val_limit), batch_size=self.hparams.batch_size,
+                          collate_fn=partial(collate_sft, pad_token_id=self.tokenizer.pad_token_id))
+
     def _loss(self, batch: dict[str, torch.Tensor]):
         logprobs = shifted_logprobs(self.policy, batch["input_ids"], batch["attention_mask"])
         return sft_loss(logprobs, batch["loss_mask"])
@@ -87,6 +91,10 @@ class SFT(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, _ = self._loss(batch)
         self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, _ = self._loss(batch)
+        self.log("test/loss", loss, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]

@@ -60,33 +60,39 @@ def mc_values(
         **sample_kwargs: Passed to ``continue_from`` (temperature, max_new_tokens ...).
 
     Returns:
-        [N] float tensor of mean rewards in [0, 1] (truncated continuations score 0).
+        [N] float tensor of mean rewards in [0, 1] (truncated continuations score 0). A state
+        whose partial response already ends with EOS is terminal: its value is its own reward.
     """
     if k < 1:
         raise ValueError(f"Monte Carlo values need k >= 1 continuations per state, got k={k}")
     if not (len(prompt_ids) == len(partial_ids) == len(examples)):
         raise ValueError("prompt_ids, partial_ids and examples must have the same length")
+    tok = engine.tokenizer
+    values = torch.zeros(len(prompt_ids))
     keys: dict[tuple[int, ...], int] = {}
     unique: list[tuple[list[int], list[int], dict]] = []
-    index = []
-    for p, part, ex in zip(prompt_ids, partial_ids, examples):
+    members: list[list[int]] = []
+    for i, (p, part, ex) in enumerate(zip(prompt_ids, partial_ids, examples)):
+        if len(part) and part[-1] == tok.eos_token_id:
+            # a terminal state (its response already ended): nothing to sample, V = its own reward
+            values[i] = float(task.reward(tok.decode(list(part), skip_special_tokens=True), ex))
+            continue
         key = tuple(p) + (-1,) + tuple(part)
         if key not in keys:
             keys[key] = len(unique)
             unique.append((list(p), list(part), ex))
-        index.append(keys[key])
+            members.append([])
+        members[keys[key]].append(i)
     if not unique:
-        return torch.zeros(0)
+        return values
     gens = engine.continue_from([p + part for p, part, _ in unique], k, **sample_kwargs)
-    tok = engine.tokenizer
-    values = torch.zeros(len(unique))
     for u, (_p, part, ex) in enumerate(unique):
         total = 0.0
         for g in gens[u * k : (u + 1) * k]:
             if g.finished:
                 total += float(task.reward(tok.decode(part + g.ids, skip_special_tokens=True), ex))
-        values[u] = total / k
-    return values[torch.as_tensor(index, dtype=torch.long)]
+        values[members[u]] = total / k
+    return values
 
 
 def mc_step_values(

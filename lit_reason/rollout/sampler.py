@@ -57,6 +57,17 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
+    """Rejects sampling settings that would silently misbehave (a negative temperature inverts the
+    distribution; top_p = 0 masks every token)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 class RolloutEngine:
     """Samples continuations of token prefixes from a causal LM.
 
@@ -84,12 +95,7 @@ class RolloutEngine:
         seed: int = 0,
         progress: bool = False,
     ) -> None:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        check_sampling(temperature, top_p, max_new_tokens)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
@@ -142,14 +148,8 @@ class RolloutEngine:
         temperature = self.temperature if temperature is None else temperature
         top_p = self.top_p if top_p is None else top_p
         max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        # per-call overrides get the constructor's checks (a negative temperature would silently
-        # invert the distribution; top_p = 0 would mask every token)
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if max_new < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+        # per-call overrides get the constructor's checks
+        check_sampling(temperature, top_p, max_new)
         stops = self.stop_strings if stop_strings is None else tuple(stop_strings)
         per_chunk = max(1, self.batch_size // k)
         chunks = [prefixes[i : i + per_chunk] for i in range(0, len(prefixes), per_chunk)]
