@@ -13,6 +13,7 @@ import sys
 
 EXTRA_COMMANDS = {
     "evaluate": "accuracy of a policy on a task (greedy pass@1; with --samples K mean pass@1 and majority vote)",
+    "collect": "roll out a policy on a task split into a resumable trajectory dataset (offline methods' data)",
 }
 
 
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> None:
         from lit_reason.commands.evaluate import main as evaluate_main
 
         sys.exit(evaluate_main(argv[1:]))
+    if argv and argv[0] == "collect":
+        from lit_reason.commands.collect import main as collect_main
+
+        sys.exit(collect_main(argv[1:]))
     if not argv or argv[0] in ("-h", "--help"):
         print("lit_reason commands: fit, validate, test (LightningCLI; `--help` after each), and")
         for name, text in EXTRA_COMMANDS.items():
