@@ -129,3 +129,18 @@ def test_lora_reference_is_the_base_with_adapter_disabled(tiny_policy_dir):
     torch.testing.assert_close(ref, base)
     adapted = response_logprobs(module.policy, traj.input_ids, traj.attention_mask, traj.prompt_len)
     assert not torch.allclose(adapted, ref)  # random (non-zero) LoRA init changes the policy
+
+
+def test_group_advantages_whiten_only_when_asked(tiny_policy_dir):
+    module = RLOO(**small(tiny_policy_dir, samples_per_prompt=3))
+    traj = module.collect(module.task.examples("train")[:2])
+    traj.rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    raw = module.compute_advantages(traj)
+    # RLOO by hand: prompt 0 rewards (1, 0, 0) -> 1 - 0 = 1, 0 - 0.5 = -0.5, -0.5
+    first = raw[0][traj.response_mask[0].bool()]
+    assert torch.allclose(first, torch.full_like(first, 1.0))
+    module.hparams.whiten_advantages = True
+    white = module.compute_advantages(traj)
+    valid = white[traj.response_mask.bool()]
+    assert abs(float(valid.mean())) < 1e-5 and abs(float(valid.std()) - 1.0) < 1e-3
+    assert not torch.allclose(raw, white)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lit_reason.losses.common import broadcast_sequence_values
+from lit_reason.losses.common import broadcast_sequence_values, masked_whiten
 from lit_reason.losses.grpo import grpo_advantages, rloo_advantages
 from lit_reason.methods.online import OnlineRL
 from lit_reason.rollout.batch import TrajectoryBatch
@@ -17,6 +17,12 @@ from lit_reason.rollout.monte_carlo import mc_values
 
 
 class _GroupBaseline(OnlineRL):
+    def _to_tokens(self, adv: torch.Tensor, traj: TrajectoryBatch) -> torch.Tensor:
+        """Broadcasts per-response advantages to tokens; whitens them over the global batch when
+        ``whiten_advantages`` is set (off by default: the group statistics already normalise)."""
+        tokens = broadcast_sequence_values(adv, traj.response_mask)
+        return masked_whiten(tokens, traj.response_mask) if self.hparams.whiten_advantages else tokens
+
     @torch.no_grad()
     def state_values(self, prompt_ids, partial_ids, examples) -> torch.Tensor:
         """Value-calibration protocol: the group baseline, i.e. the mean reward of G samples of the
@@ -44,7 +50,7 @@ class GRPO(_GroupBaseline):
 
     def compute_advantages(self, traj: TrajectoryBatch) -> torch.Tensor:
         adv = grpo_advantages(traj.rewards, traj.group_ids, scale=self.hparams.scale_by_std)
-        return broadcast_sequence_values(adv, traj.response_mask)
+        return self._to_tokens(adv, traj)
 
 
 class RLOO(_GroupBaseline):
@@ -58,4 +64,4 @@ class RLOO(_GroupBaseline):
 
     def compute_advantages(self, traj: TrajectoryBatch) -> torch.Tensor:
         adv = rloo_advantages(traj.rewards, traj.group_ids)
-        return broadcast_sequence_values(adv, traj.response_mask)
+        return self._to_tokens(adv, traj)
