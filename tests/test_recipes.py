@@ -104,3 +104,23 @@ def test_validate_and_test_subcommands(subcommand, name, key, tmp_path, embedded
     values = [float(r[key]) for r in rows if r.get(key)]
     assert len(values) == 1
     assert values[0] >= 0.0
+
+
+FRAGMENTS = sorted(p.name for p in (REPO / "callbacks").glob("*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fragment", FRAGMENTS)
+def test_callback_fragments_append(fragment, tmp_path):
+    import yaml
+
+    recipe = yaml.safe_load((REPO / "recipes" / "grpo.yaml").read_text())
+    proc = run_cli(["fit", "--config", "recipes/grpo.yaml", "--config", f"callbacks/{fragment}",
+                    "--trainer.default_root_dir", str(tmp_path / "run"), "--print_config"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = yaml.safe_load(proc.stdout)
+    callbacks = printed["trainer"]["callbacks"]
+    assert len(callbacks) == len(recipe["trainer"]["callbacks"]) + 1  # appended, not replaced
+    added = yaml.safe_load((REPO / "callbacks" / fragment).read_text())["trainer"]["callbacks+"][0]
+    assert callbacks[-1]["class_path"] == added["class_path"]
+    assert "${" not in proc.stdout  # interpolations resolved after the merge
