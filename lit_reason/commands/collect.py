@@ -17,9 +17,10 @@ sampled with the same per-chunk seeds, so the result equals an uninterrupted run
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any, Callable
+
+from lit_reason.commands import run_reporting_bad_input
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,12 +249,8 @@ def format_summary(summary: dict, path: str | Path) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """Runs the command; bad input (task, data, policy, a mismatching output) exits 2 with one line."""
-    try:
-        return _run(argv)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """Runs the command; bad input (task, data, policy, a mismatching output) exits 2 with one line naming the culprit."""
+    return run_reporting_bad_input(_run, argv)
 
 
 def _run(argv: list[str]) -> int:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
+
+from lit_reason.commands import run_reporting_bad_input
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,11 +44,7 @@ def write_json_atomic(obj, path: str | os.PathLike) -> None:
 
 def main(argv: list[str]) -> int:
     """Runs the command; bad input (task, data, policy) exits 2 with one line naming the culprit."""
-    try:
-        return _run(argv)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting_bad_input(_run, argv)
 
 
 def _run(argv: list[str]) -> int:
