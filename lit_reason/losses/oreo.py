@@ -175,6 +175,16 @@ def oreo_token_residuals(
     return torch.where(valid, v + beta * _reverse_cumsum(lr) - r, torch.zeros_like(v))
 
 
+def _value_regression(v, advantage, rewards, valid, beta, importance_weights):
+    """The critic's regression shared by the token- and step-level variants (Eq. 8):
+    residual (V + beta * sg[A] - R) on valid states, per-sequence mean, then batch mean."""
+    residual = torch.where(valid, v + beta * advantage - rewards.detach().to(v.dtype).unsqueeze(1), torch.zeros_like(v))
+    loss = _sequence_loss(residual, valid, importance_weights)
+    with torch.no_grad():
+        metrics = {"value_loss": loss.detach(), **_residual_metrics(residual, valid, v)}
+    return loss, metrics
+
+
 def oreo_value_loss(
     values: torch.Tensor,
     logprobs: torch.Tensor,
@@ -218,12 +228,7 @@ def oreo_value_loss(
     dtype = _compute_dtype(values, logprobs)
     with torch.no_grad():
         advantage = _reverse_cumsum(_log_ratios(logprobs.detach(), ref_logprobs, valid, dtype))
-    v = _zeroed(values, valid, dtype)
-    residual = torch.where(valid, v + beta * advantage - rewards.detach().to(dtype).unsqueeze(1), torch.zeros_like(v))
-    loss = _sequence_loss(residual, valid, importance_weights)
-    with torch.no_grad():
-        metrics = {"value_loss": loss.detach(), **_residual_metrics(residual, valid, v)}
-    return loss, metrics
+    return _value_regression(_zeroed(values, valid, dtype), advantage, rewards, valid, beta, importance_weights)
 
 
 def oreo_policy_loss(
@@ -502,13 +507,7 @@ def oreo_step_value_loss(
         step_lr = _step_sums(_log_ratios(logprobs.detach(), ref_logprobs, valid, dtype), step_ids, valid, max_steps)
         advantage = _reverse_cumsum(step_lr)
     v = _zeroed(step_values, step_valid, dtype)
-    residual = torch.where(
-        step_valid, v + beta * advantage - rewards.detach().to(dtype).unsqueeze(1), torch.zeros_like(v)
-    )
-    loss = _sequence_loss(residual, step_valid, importance_weights)
-    with torch.no_grad():
-        metrics = {"value_loss": loss.detach(), **_residual_metrics(residual, step_valid, v)}
-    return loss, metrics
+    return _value_regression(v, advantage, rewards, step_valid, beta, importance_weights)
 
 
 def oreo_step_policy_loss(
