@@ -154,14 +154,10 @@ class RolloutEngine:
         per_chunk = max(1, self.batch_size // k)
         chunks = [prefixes[i : i + per_chunk] for i in range(0, len(prefixes), per_chunk)]
         out: list[Generation] = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             bar = tqdm(chunks, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)
             for chunk in bar:
                 out.extend(self._sample_chunk(chunk, k, temperature, top_p, max_new, stops))
-        finally:
-            self.model.train(was_training)
         return out
 
     def continue_from(self, prefixes: Sequence[Sequence[int]], k: int, **kwargs) -> list[Generation]:
