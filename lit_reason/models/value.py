@@ -6,11 +6,23 @@ model (zero-initialised, bias-free head), and DVPO's global value model.
 
 from __future__ import annotations
 
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from lit_reason.models.logprobs import position_ids_from_mask
 from lit_reason.models.policy import build_policy
+
+
+VALUE_FORMAT = "lit_reason.value_model"
+VALUE_HEAD_CONFIG = "value_head.json"
+VALUE_HEAD_WEIGHTS = "value_head.pt"
 
 
 def lm_trunk(causal_lm) -> nn.Module:
@@ -52,7 +64,90 @@ class ValueModel(nn.Module):
         lm, _ = build_policy(name, dtype=dtype, lora=lora, tiny=tiny)
         hidden = lm.config.hidden_size
         model = cls(lm_trunk(lm.base_model.model if lora else lm), hidden, bias=bias, zero_init=zero_init)
+        if lora:
+            # kept outside the module tree (a list), so ``save`` can merge the adapter into the trunk
+            model._peft_wrapper = [lm]
         return model
+
+    def save(self, dirpath: str | os.PathLike, tokenizer=None) -> Path:
+        """Writes the value model to ``dirpath`` (atomically: temp folder, then rename).
+
+        Layout: the trunk as a ``save_pretrained`` folder (a LoRA adapter merged in first), the
+        head in ``value_head.pt`` and ``value_head.json`` (``format``, ``version``, ``hidden_size``,
+        ``bias``), and the tokenizer when given. :meth:`load` reads it back.
+        """
+        dirpath = Path(dirpath)
+        dirpath.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dirpath.parent, prefix=f".{dirpath.name}.tmp-"))
+        try:
+            trunk = self.trunk
+            wrapper = getattr(self, "_peft_wrapper", None)
+            if wrapper:
+                trunk = lm_trunk(copy.deepcopy(wrapper[0]).merge_and_unload())
+            trunk.save_pretrained(tmp)
+            torch.save({k: v.detach().cpu() for k, v in self.head.state_dict().items()}, tmp / VALUE_HEAD_WEIGHTS)
+            meta = {"format": VALUE_FORMAT, "version": 1, "hidden_size": self.head.in_features,
+                    "bias": self.head.bias is not None}
+            (tmp / VALUE_HEAD_CONFIG).write_text(json.dumps(meta, indent=1))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if dirpath.exists():
+                shutil.rmtree(dirpath)
+            os.replace(tmp, dirpath)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dirpath
+
+    @classmethod
+    def load(cls, dirpath: str | os.PathLike, dtype: str | None = None) -> "ValueModel":
+        """Reads a folder written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError / ValueError naming the folder: no ``value_head.json`` (not a value
+            model: a policy folder, say), another format, or a head that does not fit the trunk.
+        """
+        from transformers import AutoModel
+
+        from lit_reason.models.loading import check_checkpoint_dir, resolve_dtype
+
+        dirpath = Path(dirpath).expanduser()
+        cfg_file = dirpath / VALUE_HEAD_CONFIG
+        if not cfg_file.is_file():
+            raise FileNotFoundError(
+                f"{dirpath} is not a lit_reason value model: it has no {VALUE_HEAD_CONFIG} (write one with "
+                "ValueModel.save; a policy folder is not a value model)"
+            )
+        meta = json.loads(cfg_file.read_text())
+        if meta.get("format") != VALUE_FORMAT:
+            raise ValueError(f"{cfg_file}: format {meta.get('format')!r}, expected {VALUE_FORMAT!r}")
+        check_checkpoint_dir(dirpath)
+        kwargs = {"dtype": resolve_dtype(dtype)} if dtype else {}
+        trunk = AutoModel.from_pretrained(str(dirpath), **kwargs)
+        if trunk.config.hidden_size != meta["hidden_size"]:
+            raise ValueError(f"{dirpath}: head width {meta['hidden_size']} != trunk hidden size "
+                             f"{trunk.config.hidden_size}")
+        model = cls(trunk, meta["hidden_size"], bias=bool(meta["bias"]))
+        try:
+            model.head.load_state_dict(torch.load(dirpath / VALUE_HEAD_WEIGHTS, map_location="cpu"))
+        except (RuntimeError, FileNotFoundError) as err:
+            raise ValueError(f"{dirpath}: bad value head weights ({err})") from err
+        return model
+
+    def values_of(self, sequences: list[list[int]], pad_token_id: int, batch_size: int = 128) -> torch.Tensor:
+        """[N] value at the last token of each (unpadded) token sequence, in chunks of ``batch_size``."""
+        device = self.head.weight.device
+        out = []
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start : start + batch_size]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, s in enumerate(chunk):
+                ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+                mask[i, : len(s)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            out.append(last_token_values(self(ids, mask), mask))
+        return torch.cat(out) if out else torch.zeros(0)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Values at every position.
