@@ -44,12 +44,26 @@ class ExportPolicy(pl.Callback):
     """Saves ``pl_module.policy`` and ``pl_module.tokenizer`` to ``dirpath`` when fit ends.
 
     Args:
-        dirpath: Target folder (created or replaced atomically).
+        dirpath: Target folder of the policy (created or replaced atomically); None skips it.
+        value_dirpath: Also save ``pl_module.value_model`` (a
+            :class:`~lit_reason.models.value.ValueModel`: OREO's and DQO's value model, DVPO's
+            GVM) there with :meth:`~lit_reason.models.value.ValueModel.save`, for
+            ``evaluate --search beam --value DIR`` or DVPO's stage 2.
     """
 
-    def __init__(self, dirpath: str) -> None:
+    def __init__(self, dirpath: str | None = None, value_dirpath: str | None = None) -> None:
+        if dirpath is None and value_dirpath is None:
+            raise ValueError("ExportPolicy needs dirpath and/or value_dirpath")
         self.dirpath = dirpath
+        self.value_dirpath = value_dirpath
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.value_dirpath is not None and getattr(pl_module, "value_model", None) is None:
+            raise ValueError(f"ExportPolicy(value_dirpath=...): {type(pl_module).__name__} has no `value_model` to export")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            save_policy(pl_module.policy, pl_module.tokenizer, self.dirpath)
+            if self.dirpath is not None:
+                save_policy(pl_module.policy, pl_module.tokenizer, self.dirpath)
+            if self.value_dirpath is not None:
+                pl_module.value_model.save(self.value_dirpath, tokenizer=pl_module.tokenizer)

@@ -1,9 +1,12 @@
 """One LightningModule per method."""
 
+from lit_reason.methods.dpo import DPO
 from lit_reason.methods.grpo import GRPO, RLOO
+from lit_reason.methods.offline import OfflineRL
 from lit_reason.methods.online import OnlineRL
 from lit_reason.methods.ppo import PPO
+from lit_reason.methods.rft import RFT
 from lit_reason.methods.sft import SFT
 from lit_reason.methods.vineppo import VinePPO
 
-__all__ = ["GRPO", "OnlineRL", "PPO", "RLOO", "SFT", "VinePPO"]
+__all__ = ["DPO", "GRPO", "OfflineRL", "OnlineRL", "PPO", "RFT", "RLOO", "SFT", "VinePPO"]

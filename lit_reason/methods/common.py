@@ -1,4 +1,5 @@
-"""Small pieces every method module composes: task resolution, the warmup-cosine schedule."""
+"""Small pieces every method module composes: task resolution, the warmup-cosine schedule, and the
+greedy-accuracy ``validate``/``test`` loops of the RL methods."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 
 def resolve_task(task: Any):
@@ -36,3 +38,55 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class ExampleRows(torch.utils.data.Dataset):
+    """Task rows as a map-style dataset (batches are plain lists of rows, see :func:`as_list`)."""
+
+    def __init__(self, rows: list) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        return self.rows[i]
+
+
+def as_list(batch: list) -> list:
+    """Collate function that keeps a batch as the list of its items."""
+    return list(batch)
+
+
+class GreedyAccuracyLoops:
+    """``validate``/``test`` as greedy accuracy on the task's validation/test split.
+
+    Mixed into the RL modules (online and offline); the host provides ``task``, ``policy``,
+    ``tokenizer`` and the hyper-parameters ``eval_limit``, ``max_new_tokens``, ``rollout_batch_size``.
+    Logs ``val/accuracy`` / ``test/accuracy``.
+    """
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        rows = self.task.examples(split)[: self.hparams.eval_limit]
+        return DataLoader(ExampleRows(rows), batch_size=self.hparams.rollout_batch_size, collate_fn=as_list)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def _greedy_accuracy(self, examples: list[dict], name: str) -> None:
+        from lit_reason.evaluation import evaluate_policy
+
+        result = evaluate_policy(self.policy, self.tokenizer, self.task, examples,
+                                 max_new_tokens=self.hparams.max_new_tokens, batch_size=self.hparams.rollout_batch_size)
+        self.log(name, result["accuracy"], batch_size=len(examples), prog_bar=True)
+
+    def validation_step(self, examples: list[dict], batch_idx: int) -> None:
+        """``validate``: greedy accuracy on the validation split (``val/accuracy``)."""
+        self._greedy_accuracy(examples, "val/accuracy")
+
+    def test_step(self, examples: list[dict], batch_idx: int) -> None:
+        """``test``: greedy accuracy on the test split (``test/accuracy``)."""
+        self._greedy_accuracy(examples, "test/accuracy")

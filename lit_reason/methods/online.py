@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, RandomSampler
 
 from lit_reason.losses.ppo import ppo_policy_loss
-from lit_reason.methods.common import resolve_task
+from lit_reason.methods.common import ExampleRows, GreedyAccuracyLoops, as_list, resolve_task
 from lit_reason.models.logprobs import response_logprobs
 from lit_reason.models.policy import Reference, build_policy
 from lit_reason.rollout.batch import TrajectoryBatch
@@ -28,22 +28,7 @@ from lit_reason.rollout.trajectories import rollout
 from lit_reason.steps import StepSplitter
 
 
-class _Examples(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
-
-
-def _as_list(batch: list[dict]) -> list[dict]:
-    return list(batch)
-
-
-class OnlineRL(pl.LightningModule):
+class OnlineRL(GreedyAccuracyLoops, pl.LightningModule):
     """Rollout -> targets -> PPO-clip epochs; the advantage estimator is the subclass's.
 
     Args:
@@ -129,33 +114,9 @@ class OnlineRL(pl.LightningModule):
         rows = self.task.examples("train")
         sampler = RandomSampler(range(len(rows)), replacement=True, num_samples=len(rows),
                                 generator=torch.Generator().manual_seed(self.hparams.seed))
-        return DataLoader(_Examples(rows), batch_size=self.hparams.prompts_per_iteration, sampler=sampler,
-                          collate_fn=_as_list, drop_last=True)
+        return DataLoader(ExampleRows(rows), batch_size=self.hparams.prompts_per_iteration, sampler=sampler,
+                          collate_fn=as_list, drop_last=True)
 
-    def _eval_loader(self, split: str) -> DataLoader:
-        rows = self.task.examples(split)[: self.hparams.eval_limit]
-        return DataLoader(_Examples(rows), batch_size=self.hparams.rollout_batch_size, collate_fn=_as_list)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("validation")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def _greedy_accuracy(self, examples: list[dict], name: str) -> None:
-        from lit_reason.evaluation import evaluate_policy
-
-        result = evaluate_policy(self.policy, self.tokenizer, self.task, examples,
-                                 max_new_tokens=self.hparams.max_new_tokens, batch_size=self.hparams.rollout_batch_size)
-        self.log(name, result["accuracy"], batch_size=len(examples), prog_bar=True)
-
-    def validation_step(self, examples: list[dict], batch_idx: int) -> None:
-        """``validate``: greedy accuracy on the validation split (``val/accuracy``)."""
-        self._greedy_accuracy(examples, "val/accuracy")
-
-    def test_step(self, examples: list[dict], batch_idx: int) -> None:
-        """``test``: greedy accuracy on the test split (``test/accuracy``)."""
-        self._greedy_accuracy(examples, "test/accuracy")
 
     # ---- the method's part ------------------------------------------------------------------
     def compute_advantages(self, traj: TrajectoryBatch) -> torch.Tensor:

@@ -1,0 +1,287 @@
+"""The offline loop shared by RFT, DPO, OREO, DQO and DVO (DESIGN sec. 1, "Offline").
+
+An offline method trains on a trajectory dataset (:mod:`lit_reason.data.trajectories`): rows of
+prompt, sampled response, step spans, outcome reward and behaviour log-probs. The dataset is
+either given (``data`` holds a complete dataset and ``collect`` is None) or collected on first use
+with the start policy (``collect`` holds the sampling settings; an interrupted collection resumes,
+a complete one is reused, one for other settings is refused). Each method chooses its training
+*items* from the rows (:meth:`OfflineRL.select_items`: positives for RFT, pairs for DPO, OREO's
+balanced subset ...) and its loss (:meth:`OfflineRL.training_step`).
+
+Rounds: :class:`lit_reason.callbacks.IterativeRounds` calls :meth:`OfflineRL.recollect` with the
+current policy and the module switches to the new dataset; the current dataset folder is saved in
+checkpoints, so a resumed run trains on the data of its round. ``validate``/``test`` report greedy
+accuracy as the online methods do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from lit_reason.methods.common import ExampleRows, GreedyAccuracyLoops, as_list, resolve_task, warmup_cosine
+from lit_reason.models.logprobs import response_logprobs
+from lit_reason.models.policy import Reference, build_policy
+from lit_reason.rollout.batch import TrajectoryBatch
+from lit_reason.steps import StepSplitter
+
+COLLECT_KEYS = {"samples", "limit", "split", "temperature", "top_p", "seed", "chunk_size", "batch_size"}
+_CKPT_KEY = "lit_reason_offline"
+
+
+def check_collect_settings(collect: dict | None) -> dict | None:
+    """Validates the ``collect`` argument of an offline module (unknown keys name themselves)."""
+    if collect is None:
+        return None
+    if not isinstance(collect, dict):
+        raise TypeError(f"collect must be a dict of sampling settings or None, got {type(collect).__name__}")
+    unknown = set(collect) - COLLECT_KEYS
+    if unknown:
+        raise ValueError(f"collect: unknown key(s) {sorted(unknown)}; known: {sorted(COLLECT_KEYS)}")
+    if "samples" not in collect:
+        raise ValueError("collect: `samples` (responses per prompt) is required")
+    return dict(collect)
+
+
+class OfflineRL(GreedyAccuracyLoops, pl.LightningModule):
+    """Trains the policy on a trajectory dataset; subclasses pick the items and the loss.
+
+    Args:
+        policy: Start policy (``embedded:arithmetic`` = the SFT'd tiny model); also the collecting
+            policy of round 0 and the frozen reference.
+        task: Task instance, name, or ``{name: ..., **kwargs}``.
+        data: Dataset folder. With ``collect`` set it is created (or resumed) on first use;
+            without, it must hold a complete dataset. None: ``<default_root_dir>/data``.
+        collect: Sampling settings for collecting on first use: ``samples`` (required), ``limit``
+            (prompts of the split), ``split`` (``train``), ``temperature`` (1.0), ``top_p``, ``seed``,
+            ``chunk_size``, ``batch_size``. None: ``data`` must exist.
+        batch_size: Training items per optimiser step.
+        lr: Policy learning rate (AdamW, betas (0.9, 0.95)).
+        weight_decay: AdamW weight decay.
+        warmup_ratio: Linear warmup over this fraction of the run's optimiser steps, then cosine
+            decay to 10% (OREO: 3%).
+        grad_clip: Gradient-norm clip.
+        max_new_tokens: Response length limit of collection and evaluation.
+        splitter: Step-splitting policy of collection (and of the step-level losses).
+        merge_answer_line: Merge the task's answer line into the last step.
+        dtype: Parameter dtype.
+        lora: LoRA arguments for the policy (the reference is then the adapter-disabled base).
+        rollout_batch_size: Sequences decoded together (collection, evaluation).
+        eval_limit: Prompts of the ``validate``/``test`` loops.
+        seed: Seed of shuffling and item selection.
+        progress: Progress bars while collecting.
+    """
+
+    def __init__(
+        self,
+        policy: str = "embedded:arithmetic",
+        task: Any = "arithmetic",
+        data: str | None = None,
+        collect: dict | None = None,
+        batch_size: int = 16,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        grad_clip: float | None = 1.0,
+        max_new_tokens: int = 96,
+        splitter: str = "newline",
+        merge_answer_line: bool = True,
+        dtype: str | None = None,
+        lora: dict | None = None,
+        rollout_batch_size: int = 256,
+        eval_limit: int = 200,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        collect = check_collect_settings(collect)
+        self.save_hyperparameters(ignore=["task"])
+        self.task = resolve_task(task)
+        self.policy, self.tokenizer = build_policy(policy, dtype=dtype, lora=lora)
+        self.reference = Reference(self.policy)
+        answer_prefix = getattr(self.task, "answer_prefix", None) if merge_answer_line else None
+        self.splitter = StepSplitter(splitter, answer_prefix=answer_prefix or None)
+        self.data_path: Path | None = Path(data) if data else None
+        self.data_stats: dict[str, float] = {}
+        self._items: list | None = None
+
+    # ---- data -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.data_path is None:
+            self.data_path = Path(self.trainer.default_root_dir) / "data"
+        if self.hparams.collect is not None:
+            # rank 0 collects (or finds the complete dataset); the others wait and read it
+            if self.trainer.is_global_zero:
+                self.collect_dataset(self.hparams.policy, self.data_path, self.hparams.collect)
+            self.trainer.strategy.barrier("lit_reason_collect")
+
+    def collect_dataset(self, policy: Any, output: Path, settings: dict, policy_name: str | None = None) -> Path:
+        """Collects (or resumes, or reuses) a dataset with ``policy`` (a name or ``(model, tokenizer)``)."""
+        from lit_reason.commands.collect import collect
+
+        s = dict(settings)
+        return collect(policy, self.task, output, samples=s.pop("samples"), max_new_tokens=self.hparams.max_new_tokens,
+                       splitter=self.splitter, progress=self.hparams.progress, dtype=self.hparams.dtype,
+                       policy_name=policy_name, **s)
+
+    def recollect(self, output: str | Path, seed: int, round_index: int) -> Path:
+        """Collects a new dataset with the *current* policy into ``output`` and trains on it next.
+
+        The sampling settings are ``collect``'s, else those stored in the current dataset's meta;
+        ``seed`` replaces the sampling seed (each round samples afresh). Called by
+        :class:`lit_reason.callbacks.IterativeRounds` on global rank 0 (others then call
+        :meth:`use_dataset`).
+        """
+        from lit_reason.data.trajectories import read_meta
+
+        settings = dict(self.hparams.collect or {})
+        if not settings:
+            meta = read_meta(self._require_data())
+            sampling = meta["sampling"]
+            settings = {"samples": sampling["samples"], "temperature": sampling["temperature"],
+                        "top_p": sampling["top_p"], "limit": meta["num_prompts"], "split": meta["split"]}
+        settings["seed"] = seed
+        name = f"{self.hparams.policy}@round{round_index}"
+        path = self.collect_dataset((self.policy, self.tokenizer), Path(output), settings, policy_name=name)
+        self.use_dataset(path)
+        return path
+
+    def use_dataset(self, path: str | Path) -> None:
+        """Trains on ``path`` from the next ``train_dataloader`` call on."""
+        self.data_path = Path(path)
+        self._items = None
+
+    def _require_data(self) -> Path:
+        if self.data_path is None:
+            raise ValueError(f"{type(self).__name__}: no dataset: set `data` (a collected dataset folder) or `collect`")
+        return self.data_path
+
+    def load_rows(self) -> list[dict]:
+        """The current dataset's rows, after the tokenizer/task/splitter compatibility checks."""
+        from lit_reason.data.trajectories import TrajectoryDataset, splitter_config
+
+        path = self._require_data()
+        if not (path / "meta.json").exists():
+            hint = "" if self.hparams.collect else " (set `collect` to collect it on first use)"
+            raise FileNotFoundError(f"{type(self).__name__}: dataset folder {path} holds no dataset{hint}")
+        ds = TrajectoryDataset(path)
+        ds.check_compatible(self.tokenizer, self.task)
+        stored, ours = ds.meta["splitter"], splitter_config(self.splitter)
+        if stored != ours:
+            raise ValueError(f"trajectory dataset {path} was split into steps with {stored}, this run splits with "
+                             f"{ours}: re-collect, or set the module's `splitter` to match")
+        self.data_stats = {"data/rows": float(len(ds)), "data/skipped_rows": float(ds.skipped),
+                           "data/prompts": float(ds.num_prompts),
+                           "data/positive_fraction": sum(r["reward"] > 0 for r in ds) / max(len(ds), 1)}
+        return ds.rows
+
+    def select_items(self, rows: list[dict]) -> list:
+        """The method's training items built from the dataset rows (default: every row)."""
+        return list(rows)
+
+    def train_dataloader(self) -> DataLoader:
+        if self._items is None:
+            rows = self.load_rows()
+            self._items = self.select_items(rows)
+            if not self._items:
+                raise ValueError(f"{type(self).__name__}: dataset {self.data_path} gives no training item "
+                                 f"({self.data_stats})")
+            self.data_stats["data/items"] = float(len(self._items))
+            rank_zero_info(f"{type(self).__name__}: training on {self.data_path}: {self.data_stats}")
+        g = torch.Generator().manual_seed(self.hparams.seed + self.current_epoch)
+        return DataLoader(ExampleRows(self._items), batch_size=self.hparams.batch_size, shuffle=True, generator=g,
+                          collate_fn=as_list)
+
+    def to_batch(self, rows: list[dict]) -> TrajectoryBatch:
+        """Rows -> a :class:`TrajectoryBatch` on the module's device (behaviour log-probs in ``old_logprobs``)."""
+        from lit_reason.data.trajectories import TrajectoryDataset
+
+        return TrajectoryDataset.to_batch(rows, self.tokenizer.pad_token_id).to(self.device)
+
+    def log_data_stats(self) -> None:
+        if self.data_stats:
+            self.log_dict(self.data_stats, prog_bar=False, batch_size=1)
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[_CKPT_KEY] = {"data": str(self.data_path) if self.data_path else None}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get(_CKPT_KEY) or {}
+        if state.get("data"):
+            self.use_dataset(state["data"])
+
+    # ---- optimisation -----------------------------------------------------------------------
+    def total_steps(self) -> int:
+        """Optimiser steps of the run (``max_steps``, else Lightning's estimate)."""
+        t = self.trainer
+        return int(t.max_steps) if t.max_steps and t.max_steps > 0 else int(t.estimated_stepping_batches)
+
+    def make_optimizer(self, params, lr: float):
+        """AdamW (betas 0.9/0.95) with warmup-cosine over the run, as a Lightning config dict."""
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95))
+        total = self.total_steps()
+        sched = warmup_cosine(opt, int(self.hparams.warmup_ratio * total), total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_optimizers(self):
+        return self.make_optimizer([p for p in self.policy.parameters() if p.requires_grad], self.hparams.lr)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # the module's grad_clip applies unless the Trainer sets its own
+        val = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
+        if val:
+            self.clip_gradients(optimizer, gradient_clip_val=val, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+
+    # ---- values -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def implicit_state_values(self, prompt_ids, partial_ids, beta: float, chunk: int = 128) -> torch.Tensor:
+        """The implicit value increment ``beta * sum_t log pi_theta/pi_ref`` over each partial response.
+
+        Under the KL-regularised optimum ``beta * log pi*/pi_ref(a|s) = Q*(s,a) - V*(s)``, so the
+        summed log-ratio of the first k steps is ``V(S_k) - V(S_0)`` (METHODS "Shared building
+        blocks" 4; OREO Fig. 1's A_theta). Returns [N] (0 for an empty partial response).
+        """
+        out = []
+        for start in range(0, len(prompt_ids), chunk):
+            ids, mask, P, resp = pack_states(prompt_ids[start : start + chunk], partial_ids[start : start + chunk],
+                                             self.tokenizer.pad_token_id)
+            ids, mask, resp = ids.to(self.device), mask.to(self.device), resp.to(self.device)
+            if resp.shape[1] == 0:
+                out.append(torch.zeros(ids.shape[0]))
+                continue
+            logp = response_logprobs(self.policy, ids, mask, P)
+            ref = self.reference.logprobs(ids, mask, P)
+            out.append((beta * ((logp - ref) * resp).sum(-1)).float().cpu())
+        return torch.cat(out)
+
+
+def pack_states(prompt_ids, partial_ids, pad_token_id: int):
+    """Left-pads prompts and right-pads partial responses into one batch.
+
+    Returns:
+        ``(input_ids [N, P+L], attention_mask [N, P+L], P, response_mask [N, L])``; L may be 0.
+    """
+    P = max(len(p) for p in prompt_ids)
+    L = max((len(q) for q in partial_ids), default=0)
+    n = len(prompt_ids)
+    ids = torch.full((n, P + L), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((n, P + L), dtype=torch.long)
+    resp = torch.zeros((n, L))
+    for i, (p, q) in enumerate(zip(prompt_ids, partial_ids)):
+        ids[i, P - len(p) : P] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, P - len(p) : P] = 1
+        if q:
+            ids[i, P : P + len(q)] = torch.as_tensor(list(q), dtype=torch.long)
+            mask[i, P : P + len(q)] = 1
+            resp[i, : len(q)] = 1
+    return ids, mask, P, resp
