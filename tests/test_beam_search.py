@@ -136,8 +136,9 @@ def steering_model(tiny_model, tiny_tokenizer):
 def test_first_step_cuts_after_the_first_step(tiny_tokenizer):
     tok, splitter, eos = tiny_tokenizer, StepSplitter(), tiny_tokenizer.eos_token_id
     a = encode(tok, "a = 1\n")
-    step = first_step(tok, splitter, Generation(ids=a + encode(tok, "b = 2\n"), finish="stop"))
-    assert (step.ids, step.terminal, step.capped, step.generated) == (a, False, False, len(a) + len(encode(tok, "b = 2\n")))
+    b = encode(tok, "b = 2\n")
+    step = first_step(tok, splitter, Generation(ids=a + b, finish="stop"))
+    assert (step.ids, step.terminal, step.capped, step.generated) == (a, False, False, len(a) + len(b))
     answer = encode(tok, "Answer: 3") + [eos]
     step = first_step(tok, splitter, Generation(ids=answer, finish="eos"))
     assert (step.ids, step.terminal, step.capped) == (answer, True, False)

@@ -148,15 +148,14 @@ def test_path_sampling_is_proportional_to_visits():
     # so one draw picks them with probability 5/12 and 7/12
     tree = SearchTree(0, [1], [StepNode(parent=-1, N=4, W=4.0)])
     for n in (1, 3):
-        i = tree.add_child(0, StepNode(parent=0, ids=[RIGHT, n], text="R", depth=1, logprobs=[0.0, 0.0],
-                                       N=n, W=float(n), terminal=True, status="end", reward=1.0, exhausted=True))
+        tree.add_child(0, StepNode(parent=0, ids=[RIGHT, n], text="R", depth=1, logprobs=[0.0, 0.0],
+                                   N=n, W=float(n), terminal=True, status="end", reward=1.0, exhausted=True))
     paths = leaf_paths(tree)
     assert [p.visits for p in paths] == [5, 7]
     rng = random.Random(0)
     heavy = sum(sample_paths(paths, 1, rng)[0].visits == 7 for _ in range(4000)) / 4000
     assert heavy == pytest.approx(7 / 12, abs=0.03)
     assert sorted(p.visits for p in sample_paths(paths, 5, rng)) == [5, 7]  # without replacement
-    assert i == 2
 
 
 # ------------------------------------------------------------------------------ (c) PUCT

@@ -102,8 +102,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lit_reason.callbacks.evaluation import log_metrics
 from lit_reason.metrics import CalibrationStats, RankStats, plot_reliability
 from lit_reason.rollout.monte_carlo import mc_values, step_states
+from lit_reason.rollout.next_step import sample_next_steps
 from lit_reason.rollout.sampler import RolloutEngine
-from lit_reason.rollout.trajectories import encode_prompts, response_steps, rollout
+from lit_reason.rollout.trajectories import encode_prompts, rollout
 from lit_reason.steps import StepSplitter
 
 __all__ = ["ProbeState", "ValueCalibration"]
@@ -380,20 +381,15 @@ class ValueCalibration(pl.Callback):
         """
         tok = engine.tokenizer
         n = self.rank_alternatives
-        gens = engine.sample(
-            [s.prompt_ids + s.partial_ids for s in states], k=n, temperature=self.rank_temperature,
-            top_p=1.0, stop_strings=[splitter.delimiter or "\n"], desc="rank alternatives",
-        )
+        steps = sample_next_steps(engine, splitter, [s.prompt_ids + s.partial_ids for s in states], k=n,
+                                  temperature=self.rank_temperature, top_p=1.0, desc="rank alternatives")
         groups = []
         for g, _state in enumerate(states):
             seen: set[tuple[int, ...]] = set()
             group = []
-            for gen in gens[g * n : (g + 1) * n]:
-                _text, _ids, step_ends = response_steps(tok, splitter, gen.ids)
-                cut = step_ends[0] + 1 if step_ends else len(gen.ids)
-                ids = list(gen.ids[:cut])
-                terminal = gen.finish == "eos" and cut == len(gen.ids)
-                empty = not ids or (not terminal and tok.decode(ids, skip_special_tokens=True) == "")
+            for step in steps[g * n : (g + 1) * n]:
+                ids = step.ids
+                empty = not ids or (not step.terminal and tok.decode(ids, skip_special_tokens=True) == "")
                 if empty or tuple(ids) in seen:
                     group.append(None)
                 else:

@@ -24,7 +24,7 @@ One simulation (the budget unit, the source's ``iterations``)
    finished early. Until some terminal reward has been backed up through a node (N = 0) the
    exploration term is 0, so the choice among its children is uniform at random (as in the source).
 2. **Expansion.** The selected leaf gets ``width`` (5) next steps sampled at temperature 1.0, each
-   cut right after its first step (:func:`sample_next_steps`). Samples with an identical step
+   cut right after its first step (:func:`lit_reason.rollout.next_step.sample_next_steps`). Samples with an identical step
    (same text and the same ending) are merged into one child; ``StepNode.samples`` keeps the
    multiplicity and :attr:`SearchStats.duplicates` the count, so merges never vanish silently.
    Empty steps are dropped (:attr:`SearchStats.invalid`).
@@ -105,13 +105,14 @@ from typing import Protocol, Sequence
 import torch
 
 from lit_reason.models.logprobs import response_logprobs
+from lit_reason.rollout.next_step import sample_next_steps
 from lit_reason.rollout.sampler import RolloutEngine, eval_mode
-from lit_reason.rollout.trajectories import encode_prompts, response_steps
+from lit_reason.rollout.trajectories import encode_prompts
 from lit_reason.steps import StepSplitter
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "LMStepProposer", "SearchStats", "SearchTree", "StepMCTS", "StepNode",
-    "StepProposer", "StepSample", "load_trees", "puct_score", "run_mcts", "sample_next_steps", "save_trees",
+    "StepProposer", "StepSample", "load_trees", "puct_score", "run_mcts", "save_trees",
     "select_child", "step_logprobs",
 ]
 
@@ -150,7 +151,14 @@ class StepNode:
 
 @dataclass
 class SearchTree:
-    """The search tree of one prompt; ``nodes[0]`` is the root."""
+    """The search tree of one prompt.
+
+    Attributes:
+        prompt_index: Row of the prompt in its task split.
+        prompt_ids: The prompt's token ids (the root state S_0).
+        nodes: All nodes; ``nodes[0]`` is the root, a child always comes after its parent.
+        simulations: Simulations spent on this tree (cumulative over ``search`` calls).
+    """
 
     prompt_index: int
     prompt_ids: list[int]
@@ -269,42 +277,6 @@ class StepProposer(Protocol):
         """The task's 0/1 grade of a finished response."""
 
 
-def sample_next_steps(engine: RolloutEngine, splitter: StepSplitter, prefixes: Sequence[Sequence[int]], k: int,
-                      temperature: float = 1.0, max_new_tokens: int | None = None,
-                      desc: str = "next steps") -> list[tuple[list[int], str, int]]:
-    """Samples ``k`` next steps per prefix, each cut right after its first step (one engine call).
-
-    Generation stops at the splitter's delimiter (``"\\n"`` for policies without one); the
-    generated tokens are then split with :func:`~lit_reason.rollout.trajectories.response_steps`
-    and cut after the last token of step 0, the approach of the value-calibration ranking test.
-
-    Args:
-        engine: The policy's sampler.
-        splitter: Defines what a step is.
-        prefixes: N token-id lists (prompt ++ partial response).
-        k: Samples per prefix.
-        temperature: Sampling temperature (top_p 1).
-        max_new_tokens: Token limit per sample (the engine's by default).
-        desc: Progress-bar label.
-
-    Returns:
-        N * k ``(step_ids, finish, generated)``, prefix-major: the cut step, how it ended
-        (``"eos"`` when EOS is its last token, ``"length"`` when the token limit cut it before a
-        step boundary, else ``"stop"``) and how many tokens were generated before the cut.
-    """
-    gens = engine.sample(prefixes, k=k, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
-                         stop_strings=[splitter.delimiter or "\n"], desc=desc)
-    out = []
-    for gen in gens:
-        _text, _ids, ends = response_steps(engine.tokenizer, splitter, gen.ids)
-        cut = ends[0] + 1 if ends else len(gen.ids)
-        whole = cut == len(gen.ids)
-        # a step cut inside the generation ended at a boundary, even if the sample ran on to the limit
-        finish = gen.finish if whole else "stop"
-        out.append((list(gen.ids[:cut]), finish, len(gen.ids)))
-    return out
-
-
 @torch.no_grad()
 def step_logprobs(model, prefixes: Sequence[Sequence[int]], steps: Sequence[Sequence[int]], pad_token_id: int,
                   batch_size: int = 64) -> list[list[float]]:
@@ -368,21 +340,22 @@ class LMStepProposer:
 
     def sample_steps(self, prompt_ids, partial_ids, width):
         self.sample_calls += 1
-        cuts = sample_next_steps(self.engine, self.splitter, [list(p) + list(q) for p, q in zip(prompt_ids, partial_ids)],
-                                 width, temperature=self.temperature, max_new_tokens=self.max_new_tokens,
-                                 desc="mcts expansion")
+        prefixes = [list(p) + list(q) for p, q in zip(prompt_ids, partial_ids)]
+        cuts = sample_next_steps(self.engine, self.splitter, prefixes, width, temperature=self.temperature,
+                                 max_new_tokens=self.max_new_tokens, desc="mcts expansion")
         out = []
         eos = self.tokenizer.eos_token_id
         for i, partial in enumerate(partial_ids):
             before = self._decode(partial)
             group = []
-            for ids, finish, generated in cuts[i * width:(i + 1) * width]:
+            for step in cuts[i * width:(i + 1) * width]:
+                ids, generated = step.ids, step.generated
                 full = self._decode(list(partial) + ids)
                 # the step's text in context, so concatenated step texts give the response text
                 text = full[len(before):] if full.startswith(before) else self._decode(ids)
-                truncated = finish == "length"
+                truncated = step.capped
                 answered = self.answer_ends_response and self.task.extract_answer(text) is not None
-                ends = not truncated and ((finish == "eos" and ids[-1:] == [eos]) or answered)
+                ends = not truncated and ((step.terminal and ids[-1:] == [eos]) or answered)
                 group.append(StepSample(ids, text, ends_response=ends, truncated=truncated, generated=generated))
             out.append(group)
         return out
@@ -510,12 +483,14 @@ class StepMCTS:
         return None
 
     # ----------------------------------------------------------------------------- search
-    def new_trees(self, prompt_ids: Sequence[Sequence[int]], prompt_indices: Sequence[int] | None = None) -> list[SearchTree]:
+    def new_trees(self, prompt_ids: Sequence[Sequence[int]],
+                  prompt_indices: Sequence[int] | None = None) -> list[SearchTree]:
         """Fresh trees (root only); ``prompt_indices`` default to 0..N-1."""
         indices = range(len(prompt_ids)) if prompt_indices is None else prompt_indices
         return [SearchTree(prompt_index=int(i), prompt_ids=list(p)) for i, p in zip(indices, prompt_ids)]
 
-    def search(self, trees: Sequence[SearchTree], examples: Sequence[dict], simulations: int | None = None) -> list[SearchTree]:
+    def search(self, trees: Sequence[SearchTree], examples: Sequence[dict],
+               simulations: int | None = None) -> list[SearchTree]:
         """Runs waves until every tree has spent ``simulations`` (cumulative) or is exhausted.
 
         Args:

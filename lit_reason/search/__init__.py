@@ -2,7 +2,7 @@
 
 from lit_reason.search.beam import (
     BeamSearchResult,
-    StepSample,
+    NextStep,
     ValueFn,
     first_step,
     sample_next_steps,
@@ -13,7 +13,7 @@ from lit_reason.search.beam import (
 
 __all__ = [
     "BeamSearchResult",
-    "StepSample",
+    "NextStep",
     "ValueFn",
     "first_step",
     "sample_next_steps",
