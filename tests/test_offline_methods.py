@@ -240,3 +240,23 @@ def test_fit_collects_on_first_use_then_reuses_and_checkpoints_the_data_path(tmp
 def test_offline_base_has_no_loss_of_its_own(tiny_policy_dir, dataset):
     module = make(OfflineRL, tiny_policy_dir, dataset)
     assert len(module.select_items(module.load_rows())) == 12
+
+
+def test_eval_accuracy_every_n_epochs_evaluates_after_each_epoch(tmp_path, tiny_policy_dir, dataset):
+    from lit_reason.callbacks import EvalAccuracy
+
+    class AllRows(RFT):
+        def select_items(self, rows):
+            return rows
+
+    module = AllRows(policy=tiny_policy_dir, task=TASK, data=str(dataset), batch_size=6, max_new_tokens=8,
+                     progress=False)
+    evaluator = EvalAccuracy(limit=2, every_n_epochs=1, max_new_tokens=8)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                         callbacks=[evaluator])
+    trainer.fit(module)
+    # 12 rows / 6 per batch = 2 steps per epoch: start, after epoch 0 (step 2), after epoch 1 (step 4)
+    assert [step for step, _ in evaluator.history] == [0, 2, 4]
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        EvalAccuracy(every_n_epochs=0)

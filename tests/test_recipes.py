@@ -17,6 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
 ONLINE = {"vineppo.yaml", "ppo.yaml", "grpo.yaml", "rloo.yaml"}
+OFFLINE = {"rft.yaml", "dpo.yaml"}
 CALIBRATED = {"vineppo.yaml", "ppo.yaml", "grpo.yaml", "rloo.yaml"}
 
 # brief: 2 optimiser steps on small iterations; everything else is the recipe as written
@@ -31,7 +32,18 @@ BRIEF = {
         ]
         for name in ONLINE
     },
+    # offline: a small collection (into the test's folder, see data_args) and 2 optimiser steps
+    **{
+        name: ["--trainer.max_steps", "2", "--model.init_args.batch_size", "4",
+               "--model.init_args.collect", "{samples: 4, limit: 8, temperature: 0.7}"]
+        for name in OFFLINE
+    },
 }
+
+
+def data_args(name: str, tmp_path: Path) -> list[str]:
+    """Offline recipes collect into the test's folder, not the recipe's shared runs/data."""
+    return ["--model.init_args.data", str(tmp_path / "data")] if name in OFFLINE else []
 
 
 def run_cli(args: list[str], tmp_path: Path, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -63,7 +75,7 @@ def test_recipes_open_with_the_documented_header():
 def test_recipe_runs_briefly(name, tmp_path, embedded_arithmetic):
     root = tmp_path / "run"
     proc = run_cli(["fit", "--config", f"recipes/{name}", "--trainer.default_root_dir", str(root),
-                    "--trainer.enable_progress_bar", "false", *BRIEF[name]], tmp_path)
+                    "--trainer.enable_progress_bar", "false", *BRIEF[name], *data_args(name, tmp_path)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = read_metrics(root)
     keys = {k for r in rows for k, v in r.items() if v != ""}
@@ -73,6 +85,9 @@ def test_recipe_runs_briefly(name, tmp_path, embedded_arithmetic):
     assert list(root.rglob("config.yaml")), "the resolved config is saved in the run folder"
     if name in ONLINE:
         assert {"train/reward", "train/pg_loss", "train/kl"} <= keys
+    if name in OFFLINE:
+        assert {"train/loss", "data/rows", "data/items"} <= keys
+        assert (tmp_path / "data" / "meta.json").exists(), "collected on first use"
     if name in CALIBRATED:
         assert {"value/mae_vs_mc", "value/ece", "value/brier", "value/explained_var"} <= keys
         pngs = list(root.rglob("reliability_step*.png"))

@@ -32,17 +32,23 @@ class EvalAccuracy(pl.Callback):
         split: Task split to evaluate on (held out from training).
         limit: Number of examples (the first ``limit`` of the split, so every run sees the same).
         every_n_steps: Also evaluate every N optimiser steps (None: only start and end).
+        every_n_epochs: Also evaluate at the end of every N-th epoch (offline methods; with
+            ``IterativeRounds`` of one epoch per round, 1 gives the accuracy after each round).
         max_new_tokens: Length limit of the evaluated responses.
         batch_size: Sequences per forward pass.
     """
 
     def __init__(self, split: str = "validation", limit: int = 200, every_n_steps: int | None = None,
-                 max_new_tokens: int = 96, batch_size: int = 128) -> None:
+                 max_new_tokens: int = 96, batch_size: int = 128, every_n_epochs: int | None = None) -> None:
         if limit < 1:
             raise ValueError(f"EvalAccuracy.limit must be >= 1, got {limit}")
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and value < 1:
+                raise ValueError(f"EvalAccuracy.{name} must be >= 1 or None, got {value}")
         self.split = split
         self.limit = limit
         self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.history: list[tuple[int, float]] = []
@@ -85,6 +91,11 @@ class EvalAccuracy(pl.Callback):
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self.evaluate(trainer, pl_module)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = self.every_n_epochs
+        if n and (trainer.current_epoch + 1) % n == 0 and trainer.global_step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step != self._last_step or len(self.history) < 2:
             self.evaluate(trainer, pl_module)
@@ -92,7 +103,8 @@ class EvalAccuracy(pl.Callback):
     @property
     def state_key(self) -> str:
         # several evaluators (other splits or schedules) may sit side by side in one Trainer
-        return self._generate_state_key(split=self.split, limit=self.limit, every_n_steps=self.every_n_steps)
+        return self._generate_state_key(split=self.split, limit=self.limit, every_n_steps=self.every_n_steps,
+                                        every_n_epochs=self.every_n_epochs)
 
     def state_dict(self) -> dict:
         return {"history": self.history}
