@@ -12,7 +12,8 @@ import os
 import sys
 
 EXTRA_COMMANDS = {
-    "evaluate": "accuracy of a policy on a task (greedy pass@1; with --samples K mean pass@1 and majority vote)",
+    "evaluate": "accuracy of a policy on a task (greedy pass@1; --samples K: mean pass@1 and majority vote; "
+                "--search beam --value DIR: value-guided step beam search)",
     "collect": "roll out a policy on a task split into a resumable trajectory dataset (offline methods' data)",
 }
 

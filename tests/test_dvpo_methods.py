@@ -49,7 +49,7 @@ def gvm_dir(tmp_path_factory, tiny_policy_dir, tiny_tokenizer):
 
 
 def stage2(policy: str, gvm, **kw) -> DVPO:
-    base = dict(policy=policy, task=TASK, gvm=str(gvm), prompts_per_iteration=4, samples_per_prompt=1,
+    base = dict(policy=policy, task=TASK, gvm=str(gvm) if gvm else None, prompts_per_iteration=4, samples_per_prompt=1,
                 minibatch_size=4, max_new_tokens=12, progress=False, rollout_batch_size=64, kl_coef=0.0)
     base.update(kw)
     return DVPO(**base)
@@ -94,9 +94,9 @@ def test_gvm_response_values_reads_states_before_each_token(gvm_dir, tiny_policy
 
     gvm = ValueModel.load(gvm_dir)
     rows = [{"prompt_index": 0, "sample_index": 0, "prompt_ids": [5, 6, 7], "response_ids": [8, 9, 2],
-             "step_ends": [2], "reward": 1.0, "finish": "eos", "behaviour_logprobs": [0.0] * 3},
+             "step_ends": [2], "reward": 1.0, "finish": "eos", "behaviour_logprobs": [0.0] * 3, "response": "a"},
             {"prompt_index": 1, "sample_index": 0, "prompt_ids": [5, 6], "response_ids": [10, 2],
-             "step_ends": [1], "reward": 0.0, "finish": "eos", "behaviour_logprobs": [0.0] * 2}]
+             "step_ends": [1], "reward": 0.0, "finish": "eos", "behaviour_logprobs": [0.0] * 2, "response": "b"}]
     b = TrajectoryDataset.to_batch(rows, pad_token_id=0)
     with torch.no_grad():
         values, final = gvm_response_values(gvm, b)
@@ -242,18 +242,33 @@ def test_gvm_cache_key_follows_the_stage1_settings(tmp_path, monkeypatch):
     assert a != gvm_cache_path("embedded:arithmetic", {"name": "arithmetic"}, recipe)
 
 
+STAGE1_RECIPE = """\
+trainer:
+  accelerator: cpu
+  max_steps: 2
+  limit_val_batches: 0
+  enable_checkpointing: false
+  logger: false
+  callbacks:
+    - class_path: lit_reason.callbacks.ExportPolicy
+      init_args: {value_dirpath: "${trainer.default_root_dir}/gvm"}
+model:
+  class_path: lit_reason.methods.dvpo_gvm.DVPOGVM
+  init_args: {collect: {samples: 2, limit: 4}, max_new_tokens: 12, batch_size: 4, progress: false}
+"""
+
+
 @pytest.mark.slow
 def test_stage1_is_built_on_first_use_then_reused(tmp_path, monkeypatch, tiny_policy_dir):
     monkeypatch.setenv("LIT_REASON_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("WANDB_MODE", "offline")
-    brief = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
-             "--model.init_args.collect", "{samples: 2, limit: 4}", "--model.init_args.max_new_tokens", "12",
-             "--trainer.callbacks", "[{class_path: lit_reason.callbacks.ExportPolicy, "
-             "init_args: {value_dirpath: '${trainer.default_root_dir}/gvm'}}]"]
-    path = ensure_gvm(tiny_policy_dir, TASK, "dvpo_gvm.yaml", brief)
+    recipe = tmp_path / "stage1.yaml"
+    recipe.write_text(STAGE1_RECIPE)
+    path = ensure_gvm(tiny_policy_dir, TASK, recipe)
     assert (path / "value_head.json").is_file() and path.parent == tmp_path / "cache"
+    assert not list(path.parent.glob(".*build-*"))  # the work folder is gone
     stamp = (path / "value_head.pt").stat().st_mtime_ns
-    assert ensure_gvm(tiny_policy_dir, TASK, "dvpo_gvm.yaml", brief) == path  # reused, not retrained
+    assert ensure_gvm(tiny_policy_dir, TASK, recipe) == path  # reused, not retrained
     assert (path / "value_head.pt").stat().st_mtime_ns == stamp
-    module = stage2(tiny_policy_dir, None, gvm_overrides=brief)  # gvm: null finds the cached GVM
+    module = stage2(tiny_policy_dir, None, gvm_recipe=str(recipe))  # gvm: null finds the cached GVM
     assert module.gvm_path == str(path) and module.hparams.gvm == str(path)

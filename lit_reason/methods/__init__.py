@@ -1,12 +1,14 @@
 """One LightningModule per method."""
 
 from lit_reason.methods.dpo import DPO
+from lit_reason.methods.dqo import DQO
 from lit_reason.methods.grpo import GRPO, RLOO
 from lit_reason.methods.offline import OfflineRL
 from lit_reason.methods.online import OnlineRL
+from lit_reason.methods.oreo import OREO, ValueOfflineRL
 from lit_reason.methods.ppo import PPO
 from lit_reason.methods.rft import RFT
 from lit_reason.methods.sft import SFT
 from lit_reason.methods.vineppo import VinePPO
 
-__all__ = ["DPO", "GRPO", "OfflineRL", "OnlineRL", "PPO", "RFT", "RLOO", "SFT", "VinePPO"]
+__all__ = ["DPO", "DQO", "GRPO", "OREO", "OfflineRL", "OnlineRL", "PPO", "RFT", "RLOO", "SFT", "ValueOfflineRL", "VinePPO"]

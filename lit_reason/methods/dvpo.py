@@ -171,7 +171,9 @@ def ensure_gvm(policy: str, task: Any, recipe: str | os.PathLike = "dvpo_gvm.yam
                    "--trainer.enable_progress_bar", "false", *(overrides or [])]
             print(f"[lit_reason] DVPO: training the GVM (stage 1) with {recipe} on first use; cached in {target}",
                   file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, cwd=recipe.parent.parent)
+            from lit_reason.models.embedded import recipes_dir
+
+            proc = subprocess.run(cmd, cwd=recipes_dir().parent)  # the repository root, whatever the recipe's folder
             export = work / "run" / "gvm"
             if proc.returncode != 0 or not (export / VALUE_HEAD_CONFIG).is_file():
                 raise RuntimeError(f"DVPO stage 1 failed (exit {proc.returncode}, export {export} "

@@ -10,6 +10,11 @@ and response level as options). Per batch, exactly as METHODS section 2 "Update 
 2. policy step: ``L_pi`` (Eq. 9, with the exact full-vocabulary KL regulariser weighted by alpha),
    then the policy's own AdamW step.
 
+One forward per model per batch: the policy step reads ``sg[V_phi(s_t)]`` as computed for the
+critic step, i.e. before the critic's update (library choice; a second critic forward would read
+values one small step newer). The critic step changes no policy parameter, so the policy's
+log-probs computed once serve both steps exactly.
+
 :class:`ValueOfflineRL` holds what OREO and DQO (:mod:`lit_reason.methods.dqo`) share: the value
 model, the two optimisers and their order, item selection, importance weights and the value
 calibration protocol (``state_values``, explicit or implicit values).
