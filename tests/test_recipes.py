@@ -17,8 +17,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
 ONLINE = {"vineppo.yaml", "ppo.yaml", "grpo.yaml", "rloo.yaml"}
-OFFLINE = {"rft.yaml", "dpo.yaml"}
-CALIBRATED = {"vineppo.yaml", "ppo.yaml", "grpo.yaml", "rloo.yaml"}
+OFFLINE = {"rft.yaml", "dpo.yaml", "oreo.yaml", "dqo.yaml"}
+TWO_OPTIMISERS = {"oreo.yaml", "dqo.yaml"}  # trainer.max_steps counts both optimisers' steps
+CALIBRATED = {"vineppo.yaml", "ppo.yaml", "grpo.yaml", "rloo.yaml", "oreo.yaml", "dqo.yaml"}
 
 # brief: 2 optimiser steps on small iterations; everything else is the recipe as written
 BRIEF = {
@@ -34,8 +35,8 @@ BRIEF = {
     },
     # offline: a small collection (into the test's folder, see data_args) and 2 optimiser steps
     **{
-        name: ["--trainer.max_steps", "2", "--model.init_args.batch_size", "4",
-               "--model.init_args.collect", "{samples: 4, limit: 8, temperature: 0.7}"]
+        name: ["--trainer.max_steps", "4" if name in TWO_OPTIMISERS else "2", "--trainer.log_every_n_steps", "1",
+               "--model.init_args.batch_size", "4", "--model.init_args.collect", "{samples: 4, limit: 8, temperature: 0.7}"]
         for name in OFFLINE
     },
 }

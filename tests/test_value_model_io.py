@@ -44,3 +44,13 @@ def test_values_of_reads_the_last_token():
 def test_a_policy_folder_is_not_a_value_model(tmp_path, tiny_policy_dir):
     with pytest.raises(FileNotFoundError, match="value_head.json"):
         ValueModel.load(tiny_policy_dir)
+
+
+def test_values_of_reads_a_terminal_state_before_its_eos():
+    torch.manual_seed(0)
+    model = ValueModel.from_policy_name("embedded:tiny", tiny={"hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                                                               "intermediate_size": 64})
+    eos = 3
+    got = model.values_of([[5, 6, eos], [5, 6], [eos]], pad_token_id=0, eos_token_id=eos)
+    plain = model.values_of([[5, 6], [5, 6], [eos]], pad_token_id=0)
+    torch.testing.assert_close(got, plain)  # [5, 6, EOS] is read at 6; a lone EOS has nothing before it

@@ -228,7 +228,8 @@ class ValueOfflineRL(OfflineRL):
     def state_values(self, prompt_ids, partial_ids, examples) -> torch.Tensor:
         """Value-calibration protocol (:mod:`lit_reason.callbacks.value_calibration`): [N] values.
 
-        ``explicit``: V_phi at the last token of S = prompt ++ partial (what beam search reads).
+        ``explicit``: V_phi at the last token of S = prompt ++ partial (what beam search reads; a
+        terminal state ending with EOS is read at the token before it, as beam search does).
         ``implicit``: ``V_phi(S_0) + beta * sum_t l_t`` over the partial response: the soft Bellman
         equation with zero intermediate reward, ``V(s_{t+1}) = V(s_t) + beta * l_t`` (METHODS sec. 2
         Eq. 3), telescoped from the prompt's explicit value (OREO Fig. 1, A_theta).
@@ -236,7 +237,7 @@ class ValueOfflineRL(OfflineRL):
         pad = self.tokenizer.pad_token_id
         if self.hparams.value_source == "explicit":
             seqs = [list(p) + list(q) for p, q in zip(prompt_ids, partial_ids)]
-            return self.value_model.values_of(seqs, pad).float().cpu()
+            return self.value_model.values_of(seqs, pad, eos_token_id=self.tokenizer.eos_token_id).float().cpu()
         v0 = self.value_model.values_of([list(p) for p in prompt_ids], pad).float().cpu()
         return v0 + self.implicit_state_values(prompt_ids, partial_ids, self.hparams.beta)
 

@@ -12,7 +12,7 @@ import torch
 from lit_reason.losses.common import masked_whiten
 from lit_reason.losses.ppo import gae_advantages, terminal_rewards, value_loss
 from lit_reason.methods.online import OnlineRL
-from lit_reason.models.value import ValueModel, last_token_values
+from lit_reason.models.value import ValueModel
 from lit_reason.rollout.batch import TrajectoryBatch
 
 
@@ -57,16 +57,7 @@ class PPO(OnlineRL):
 
     @torch.no_grad()
     def state_values(self, prompt_ids, partial_ids, examples) -> torch.Tensor:
-        """Value-calibration protocol: the critic's value at the last token of each state."""
+        """Value-calibration protocol: the critic's value at the last token of each state (a terminal
+        state ending with EOS is read at the token before it, where the critic was trained)."""
         seqs = [list(p) + list(q) for p, q in zip(prompt_ids, partial_ids)]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.as_tensor(s)
-            mask[i, : len(s)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        out = []
-        for chunk in torch.arange(len(seqs)).split(128):
-            out.append(last_token_values(self.critic(ids[chunk], mask[chunk]), mask[chunk]))
-        return torch.cat(out).cpu()
+        return self.critic.values_of(seqs, self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id).cpu()

@@ -133,8 +133,17 @@ class ValueModel(nn.Module):
             raise ValueError(f"{dirpath}: bad value head weights ({err})") from err
         return model
 
-    def values_of(self, sequences: list[list[int]], pad_token_id: int, batch_size: int = 128) -> torch.Tensor:
-        """[N] value at the last token of each (unpadded) token sequence, in chunks of ``batch_size``."""
+    def values_of(self, sequences: list[list[int]], pad_token_id: int, batch_size: int = 128,
+                  eos_token_id: int | None = None) -> torch.Tensor:
+        """[N] value at the last token of each (unpadded) token sequence, in chunks of ``batch_size``.
+
+        With ``eos_token_id``, a sequence ending with EOS (a terminal state) is read at the token
+        before it: the state whose next action is EOS. Value models are trained on the states
+        before each response token (:meth:`response_values`), never at the EOS position itself, so
+        the value there is untrained.
+        """
+        if eos_token_id is not None:
+            sequences = [list(s[:-1]) if len(s) > 1 and s[-1] == eos_token_id else s for s in sequences]
         device = self.head.weight.device
         out = []
         for start in range(0, len(sequences), batch_size):
