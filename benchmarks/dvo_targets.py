@@ -3,7 +3,7 @@
 For each source (``mcts``: Q along the search's paths; ``value_model``: an outcome value model
 trained by MSE on outcomes; ``mc``: plain Monte Carlo estimates), the start policy
 ``embedded:arithmetic`` builds a DVO target dataset on the first ``--prompts`` training prompts
-(:func:`lit_reason.methods.dvo.build_target_dataset`, the same code as ``fit``), then:
+(:func:`lit_reason.data.dvo_targets.build_target_dataset`, the same code as ``fit``), then:
 
 1. **Target quality.** On the rows of the first ``--quality-prompts`` prompts, every step state
    S_k gets a ground-truth value V*(S_k) = 2 * (mean outcome of ``--truth-rollouts`` fresh
@@ -16,8 +16,8 @@ trained by MSE on outcomes; ``mc``: plain Monte Carlo estimates), the start poli
 3. **Throughput.** Build wall-clock of each source; for MCTS the search's simulations and
    generated tokens per second.
 
-Run:  python benchmarks/dvo_targets.py [--prompts 128] [--quality-prompts 12] [--truth-rollouts 32]
-      [--sources mcts value_model mc] [--seeds 0]
+Run:  python benchmarks/dvo_targets.py [--prompts 256] [--quality-prompts 12] [--truth-rollouts 32]
+      [--sources mcts value_model mc] [--seeds 0 1]
 Datasets go to ``--out`` (default runs/bench/dvo_targets) and are reused by a second run.
 """
 
@@ -134,14 +134,14 @@ def train_and_evaluate(data: Path, source: str, seed: int, epochs: int, lr: floa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sources", nargs="+", default=["mcts", "value_model", "mc"])
-    p.add_argument("--prompts", type=int, default=128, help="training prompts each source builds targets on")
+    p.add_argument("--prompts", type=int, default=256, help="training prompts each source builds targets on")
     p.add_argument("--quality-prompts", type=int, default=12, help="prompts whose rows get the ground truth")
     p.add_argument("--truth-rollouts", type=int, default=32, help="MC continuations per state of the ground truth")
     p.add_argument("--simulations", type=int, default=40)
     p.add_argument("--leaves-per-tree", type=int, default=4)
     p.add_argument("--samples", type=int, default=8, help="responses per prompt (value_model, mc)")
-    p.add_argument("--mc-rollouts", type=int, default=4, help="continuations per state of the mc source")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--mc-rollouts", type=int, default=8, help="continuations per state of the mc source")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--batch-size", type=int, default=32)
@@ -150,7 +150,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     from lit_reason.data.trajectories import TrajectoryDataset
-    from lit_reason.methods.dvo import build_target_dataset, target_dataset_stats
+    from lit_reason.data.dvo_targets import build_target_dataset, target_dataset_stats
     from lit_reason.models.policy import build_policy
     from lit_reason.steps import StepSplitter
     from lit_reason.tasks import get_task

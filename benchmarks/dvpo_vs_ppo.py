@@ -40,6 +40,8 @@ import lightning.pytorch as pl
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python benchmarks/dvpo_vs_ppo.py` from a checkout without an install
+    sys.path.insert(0, str(REPO))
 PROBE_FILE = "memory_probe.json"
 
 
@@ -119,7 +121,7 @@ def first_reaching(curve, target: float):
     return next((it for it, acc in curve if acc >= target), None)
 
 
-def build_gvm(extra: list[str]) -> tuple[str, float]:
+def build_gvm() -> tuple[str, float]:
     """Stage 1 as ``gvm: null`` runs it (cached); returns its folder and the seconds it took here."""
     from lit_reason.methods.dvpo import ensure_gvm
 
@@ -138,7 +140,7 @@ def main() -> None:
     p.add_argument("extra", nargs="*", help="extra CLI overrides passed to every run (after --)")
     args = p.parse_args()
     out = REPO / args.out
-    gvm, stage1_s = build_gvm(args.extra) if not args.reuse else (None, 0.0)
+    gvm, stage1_s = build_gvm() if not args.reuse else (None, 0.0)
     if gvm:
         print(f"DVPO stage 1 (GVM): {gvm} ({stage1_s:.0f} s here; 0 when already cached)", flush=True)
     results: dict[str, list[dict]] = {}

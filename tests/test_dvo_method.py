@@ -21,7 +21,8 @@ from lit_reason.callbacks.mcts_refresh import MCTSTargetRefresh
 from lit_reason.callbacks.rounds import IterativeRounds
 from lit_reason.commands.collect import collect
 from lit_reason.data.trajectories import TrajectoryDataset, read_meta
-from lit_reason.methods.dvo import DVO, build_target_dataset, check_target_settings
+from lit_reason.data.dvo_targets import build_target_dataset, check_target_settings
+from lit_reason.methods.dvo import DVO
 from lit_reason.methods.offline import pack_states
 from lit_reason.models.logprobs import response_logprobs
 from lit_reason.steps import StepSplitter

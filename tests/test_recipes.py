@@ -17,9 +17,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
 ONLINE = {"vineppo.yaml", "ppo.yaml", "grpo.yaml", "rloo.yaml"}
-OFFLINE = {"rft.yaml", "dpo.yaml", "oreo.yaml", "dqo.yaml"}
+OFFLINE = {"rft.yaml", "dpo.yaml", "oreo.yaml", "dqo.yaml", "dvo.yaml"}
 TWO_OPTIMISERS = {"oreo.yaml", "dqo.yaml"}  # trainer.max_steps counts both optimisers' steps
-CALIBRATED = {"vineppo.yaml", "ppo.yaml", "grpo.yaml", "rloo.yaml", "oreo.yaml", "dqo.yaml"}
+CALIBRATED = {"vineppo.yaml", "ppo.yaml", "grpo.yaml", "rloo.yaml", "oreo.yaml", "dqo.yaml", "dvo.yaml"}
 
 # brief: 2 optimiser steps on small iterations; everything else is the recipe as written
 BRIEF = {
@@ -36,7 +36,10 @@ BRIEF = {
     # offline: a small collection (into the test's folder, see data_args) and 2 optimiser steps
     **{
         name: ["--trainer.max_steps", "4" if name in TWO_OPTIMISERS else "2", "--trainer.log_every_n_steps", "1",
-               "--model.init_args.batch_size", "4", "--model.init_args.collect", "{samples: 4, limit: 8, temperature: 0.7}"]
+               "--model.init_args.batch_size", "4", *(
+                   # DVO searches its data (below 12 simulations 8 prompts give no complete path)
+                   ["--model.init_args.targets", "{limit: 8, simulations: 12, leaves_per_tree: 4}"] if name == "dvo.yaml"
+                   else ["--model.init_args.collect", "{samples: 4, limit: 8, temperature: 0.7}"])]
         for name in OFFLINE
     },
 }

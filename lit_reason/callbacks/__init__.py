@@ -2,7 +2,8 @@
 
 from lit_reason.callbacks.evaluation import EvalAccuracy
 from lit_reason.callbacks.export import ExportPolicy, save_policy
+from lit_reason.callbacks.mcts_refresh import MCTSTargetRefresh
 from lit_reason.callbacks.rounds import IterativeRounds, RoundSchedule
 from lit_reason.callbacks.value_calibration import ValueCalibration
 
-__all__ = ["EvalAccuracy", "ExportPolicy", "IterativeRounds", "RoundSchedule", "ValueCalibration", "save_policy"]
+__all__ = ["EvalAccuracy", "ExportPolicy", "IterativeRounds", "MCTSTargetRefresh", "RoundSchedule", "ValueCalibration", "save_policy"]

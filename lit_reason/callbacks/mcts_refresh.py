@@ -56,7 +56,7 @@ _STATE_VERSION = 1
 
 def _refresh_stats(path: str | Path) -> dict[str, float]:
     from lit_reason.callbacks.rounds import dataset_stats
-    from lit_reason.methods.dvo import target_dataset_stats
+    from lit_reason.data.dvo_targets import target_dataset_stats
 
     stats = {k.replace("rounds/", "refresh/"): v for k, v in dataset_stats(path).items()}
     search = target_dataset_stats(path)
