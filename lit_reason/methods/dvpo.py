@@ -283,7 +283,8 @@ class DVPO(OnlineRL):
     def state_values(self, prompt_ids, partial_ids, examples) -> torch.Tensor:
         """[N] frozen GVM value V(S) of each state S = prompt ++ partial response (scale +-1)."""
         seqs = [list(p) + list(q) for p, q in zip(prompt_ids, partial_ids)]
-        return self.gvm.values_of(seqs, self.tokenizer.pad_token_id).cpu()
+        # a terminal state (ending with EOS) is read before its EOS, where the GVM is trained
+        return self.gvm.values_of(seqs, self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id).cpu()
 
 
 def _drop_gvm_keys(module, state_dict, prefix, local_metadata) -> None:
