@@ -36,16 +36,29 @@ SCRIPT = textwrap.dedent(
                          callbacks=[evaluator])
     trainer.fit(module)
     checksum = sum(float(p.double().sum()) for p in module.policy.parameters())
+    gvm = getattr(module, "gvm", None)  # DVPO's frozen value model
+    gvm_checksum = sum(float(p.double().sum()) for p in gvm.parameters()) if gvm is not None else None
+    gvm_frozen = gvm is not None and not gvm.training and all(p.grad is None for p in gvm.parameters())
     with open(f"{{out}}.rank{{trainer.global_rank}}.json", "w") as f:
         json.dump({{"checksum": checksum, "step": trainer.global_step, "history": evaluator.history,
-                   "world": trainer.world_size}}, f)
+                   "world": trainer.world_size, "gvm_checksum": gvm_checksum, "gvm_frozen": gvm_frozen}}, f)
     """
 )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cls,extra", [("GRPO", ""), ("VinePPO", "mc_rollouts=2")])
+@pytest.mark.parametrize("cls,extra", [("GRPO", ""), ("VinePPO", "mc_rollouts=2"),
+                                       ("DVPO", "gvm=GVM_DIR, use_task_reward=True, whiten_values=False")])
 def test_ddp_two_processes_stay_in_sync(cls, extra, tmp_path, tiny_policy_dir):
+    gvm_checksum = None
+    if "GVM_DIR" in extra:  # a saved value model as DVPO's frozen GVM
+        from lit_reason.models.loading import load_tokenizer
+        from lit_reason.models.value import ValueModel
+
+        gvm = ValueModel.from_policy_name(tiny_policy_dir, bias=True)
+        gvm.save(tmp_path / "gvm", tokenizer=load_tokenizer(tiny_policy_dir))
+        gvm_checksum = sum(float(p.double().sum()) for p in gvm.parameters())
+        extra = extra.replace("GVM_DIR", repr(str(tmp_path / "gvm")))
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT.format(cls=cls, extra=extra))
     out = tmp_path / "result"
@@ -61,3 +74,8 @@ def test_ddp_two_processes_stay_in_sync(cls, extra, tmp_path, tiny_policy_dir):
     assert r0["checksum"] == pytest.approx(r1["checksum"], rel=0, abs=1e-6)
     # evaluation sums correct counts over the ranks' shards: both ranks log the same global accuracy
     assert r0["history"] == r1["history"]
+    if gvm_checksum is not None:
+        # DDP leaves the frozen GVM alone: unchanged, in eval mode and gradient-free on every rank
+        assert r0["gvm_frozen"] and r1["gvm_frozen"]
+        assert r0["gvm_checksum"] == pytest.approx(gvm_checksum, abs=1e-6)
+        assert r1["gvm_checksum"] == pytest.approx(gvm_checksum, abs=1e-6)
