@@ -45,9 +45,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_reason.callbacks.evaluation import log_metrics
+from lit_reason.callbacks.rounds import RoundSchedule, dataset_stats, reload_every_epoch, resync_data
 
 __all__ = ["MCTSTargetRefresh"]
 
@@ -55,7 +56,6 @@ _STATE_VERSION = 1
 
 
 def _refresh_stats(path: str | Path) -> dict[str, float]:
-    from lit_reason.callbacks.rounds import dataset_stats
     from lit_reason.data.dvo_targets import target_dataset_stats
 
     stats = {k.replace("rounds/", "refresh/"): v for k, v in dataset_stats(path).items()}
@@ -97,7 +97,6 @@ class MCTSTargetRefresh(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lit_reason.callbacks.rounds import RoundSchedule
 
         for attr in ("refresh_targets", "use_dataset"):
             if not callable(getattr(pl_module, attr, None)):
@@ -110,20 +109,13 @@ class MCTSTargetRefresh(pl.Callback):
                            f"boundaries (simulations={self.simulations}), not every {self.every_n_epochs} epoch(s)")
             pl_module.refresh_simulations = self.simulations
             return
-        if trainer.reload_dataloaders_every_n_epochs != 1:
-            if trainer.reload_dataloaders_every_n_epochs:
-                rank_zero_warn(f"MCTSTargetRefresh: reload_dataloaders_every_n_epochs "
-                               f"{trainer.reload_dataloaders_every_n_epochs} -> 1 (a refresh must reload)")
-            trainer.reload_dataloaders_every_n_epochs = 1
+        reload_every_epoch(trainer, "MCTSTargetRefresh")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a resumed run: the checkpoint's module data and ours must agree (ours wins, with a warning)
-        path = self.paths.get(self.refreshes)
-        current = getattr(pl_module, "data_path", None)
-        if not self.passive and path is not None and (current is None or Path(current) != Path(path)):
-            rank_zero_warn(f"MCTSTargetRefresh: the module trains on {current}, the checkpoint's refresh "
-                           f"{self.refreshes} on {path}; switching to {path}")
-            pl_module.use_dataset(path)
+        if not self.passive:
+            resync_data(pl_module, self.paths.get(self.refreshes), f"MCTSTargetRefresh: the checkpoint's refresh "
+                        f"{self.refreshes}")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.passive:

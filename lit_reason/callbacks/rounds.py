@@ -82,6 +82,28 @@ def dataset_stats(path: str | Path) -> dict[str, float]:
     }
 
 
+def reload_every_epoch(trainer: pl.Trainer, owner: str) -> None:
+    """Makes Lightning rebuild the train dataloader every epoch (public Trainer attribute).
+
+    Every epoch rather than every round: after a resume in the middle of a round, a period of E
+    epochs would drift off the round boundaries. Rebuilding is cheap: an offline module keeps its
+    items until its data changes.
+    """
+    if trainer.reload_dataloaders_every_n_epochs != 1:
+        if trainer.reload_dataloaders_every_n_epochs:
+            rank_zero_warn(f"{owner}: reload_dataloaders_every_n_epochs "
+                           f"{trainer.reload_dataloaders_every_n_epochs} -> 1 (the data changes between epochs)")
+        trainer.reload_dataloaders_every_n_epochs = 1
+
+
+def resync_data(pl_module: pl.LightningModule, path: str | None, what: str) -> None:
+    """After a restore, points the module at the data folder the callback's state names (it wins)."""
+    current = getattr(pl_module, "data_path", None)
+    if path is not None and (current is None or Path(current) != Path(path)):
+        rank_zero_warn(f"{what} trained on {path}, the module on {current}; switching to {path}")
+        pl_module.use_dataset(path)
+
+
 class RoundSchedule(pl.Callback):
     """Splits training into rounds of epochs and builds new data between rounds (see the module doc).
 
@@ -180,20 +202,11 @@ class RoundSchedule(pl.Callback):
                 f"trainer.max_epochs={self.total_epochs}, got {trainer.max_epochs}; set "
                 f"`--trainer.max_epochs {self.total_epochs}` (the LR schedule is sized from max_epochs)"
             )
-        if trainer.reload_dataloaders_every_n_epochs != 1:
-            if trainer.reload_dataloaders_every_n_epochs:
-                rank_zero_warn(f"{type(self).__name__}: reload_dataloaders_every_n_epochs "
-                               f"{trainer.reload_dataloaders_every_n_epochs} -> 1 (round starts must reload)")
-            trainer.reload_dataloaders_every_n_epochs = 1
+        reload_every_epoch(trainer, type(self).__name__)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the checkpoint's module state and ours are restored by now: they must name the same data
-        path = self.paths.get(self.round)
-        current = getattr(pl_module, "data_path", None)
-        if path is not None and (current is None or Path(current) != Path(path)):
-            rank_zero_warn(f"{type(self).__name__}: the module trains on {current}, the checkpoint's round "
-                           f"{self.round} on {path}; switching to {path}")
-            pl_module.use_dataset(path)
+        resync_data(pl_module, self.paths.get(self.round), f"{type(self).__name__}: the checkpoint's round {self.round}")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         current = getattr(pl_module, "data_path", None)
