@@ -14,6 +14,7 @@ import torch
 from lit_reason.methods.dvpo import DVPO, ensure_gvm, gvm_cache_path, load_gvm
 from lit_reason.methods.dvpo_gvm import DVPOGVM, gvm_response_values
 from lit_reason.models.value import ValueModel
+from helpers import force_eos
 
 TASK = {"name": "arithmetic", "n_train": 64, "n_validation": 8, "n_test": 8}
 
@@ -25,17 +26,6 @@ def fit(module, steps: int = 2, **kw) -> pl.Trainer:
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw)
     trainer.fit(module)
     return trainer
-
-
-def force_eos_after(module, n_tokens: int):
-    """Makes the tiny policy stop early (short responses, some finished), as the online tests do."""
-    eos = module.tokenizer.eos_token_id
-
-    def hook(_mod, _inp, out):
-        out.logits[..., eos] += 4.0
-        return out
-
-    return module.policy.register_forward_hook(hook)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +101,7 @@ def test_gvm_response_values_reads_states_before_each_token(gvm_dir, tiny_policy
 def test_gvm_gets_no_gradient_and_stays_frozen_in_eval(gvm_dir, tiny_policy_dir):
     torch.manual_seed(0)
     module = stage2(tiny_policy_dir, gvm_dir)
-    handle = force_eos_after(module, 4)
+    handle = force_eos(module)
     gvm_before = {k: v.clone() for k, v in module.gvm.state_dict().items()}
     policy_before = [p.detach().clone() for p in module.policy.parameters()]
     module.train()
@@ -137,7 +127,7 @@ def test_gvm_gets_no_gradient_and_stays_frozen_in_eval(gvm_dir, tiny_policy_dir)
 def test_checkpoint_holds_the_gvm_by_reference_and_reloads_it_frozen(tmp_path, gvm_dir, tiny_policy_dir):
     torch.manual_seed(0)
     module = stage2(tiny_policy_dir, gvm_dir)
-    handle = force_eos_after(module, 4)
+    handle = force_eos(module)
     trainer = fit(module, steps=2)
     handle.remove()
     ckpt = tmp_path / "dvpo.ckpt"
@@ -161,7 +151,7 @@ def test_checkpoint_holds_the_gvm_by_reference_and_reloads_it_frozen(tmp_path, g
 
     # resuming through the trainer keeps it frozen too
     resumed = stage2(tiny_policy_dir, gvm_dir)
-    handle = force_eos_after(resumed, 4)
+    handle = force_eos(resumed)
     trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(resumed, ckpt_path=ckpt)
@@ -194,7 +184,7 @@ def test_advantage_identities(gvm_dir, tiny_policy_dir):
     torch.manual_seed(0)
     raw = dict(whiten_values=False, whiten_advantages=False)
     module = stage2(tiny_policy_dir, gvm_dir, samples_per_prompt=2, kl_reward_coef=0.0, lam=1.0, **raw)
-    handle = force_eos_after(module, 4)
+    handle = force_eos(module)
     traj = module.collect(module.task.examples("train")[:3])
     handle.remove()
     mask = traj.response_mask

@@ -8,6 +8,7 @@ import torch
 
 from lit_reason.methods import GRPO, PPO, RLOO, VinePPO
 from lit_reason.models.logprobs import response_logprobs
+from helpers import force_eos
 
 TASK = {"name": "arithmetic", "n_train": 64, "n_validation": 8, "n_test": 8}
 
@@ -26,22 +27,11 @@ def fit(module, steps: int = 2) -> pl.Trainer:
     return trainer
 
 
-def force_eos_after(module, n_tokens: int):
-    """Makes the real policy end responses early: a hook adds a large EOS logit after n_tokens positions."""
-    eos = module.tokenizer.eos_token_id
-
-    def hook(_mod, _inp, out):
-        out.logits[..., eos] += 4.0
-        return out
-
-    return module.policy.register_forward_hook(hook)
-
-
 @pytest.mark.parametrize("cls,extra", [(VinePPO, {"mc_rollouts": 2}), (PPO, {}), (GRPO, {}), (RLOO, {})])
 def test_each_method_trains_and_keeps_reference_frozen(cls, extra, tiny_policy_dir):
     torch.manual_seed(0)
     module = cls(**small(tiny_policy_dir, **extra))
-    handle = force_eos_after(module, 4)
+    handle = force_eos(module)
     examples = module.task.examples("train")[:2]
     traj = module.collect(examples)
     ref_before = module.reference.logprobs(traj.input_ids, traj.attention_mask, traj.prompt_len)
@@ -62,7 +52,7 @@ def test_each_method_trains_and_keeps_reference_frozen(cls, extra, tiny_policy_d
 
 def test_vineppo_advantages_follow_mc_values(tiny_policy_dir):
     module = VinePPO(**small(tiny_policy_dir, mc_rollouts=3, samples_per_prompt=3))
-    handle = force_eos_after(module, 4)
+    handle = force_eos(module)
     traj = module.collect(module.task.examples("train")[:2])
     adv = module.compute_advantages(traj)
     handle.remove()
