@@ -6,7 +6,6 @@ hook on a copy), so that the collected responses have several steps and some fin
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from lit_reason.rollout.sampler import RolloutEngine
 from lit_reason.rollout.trajectories import build_batch, encode_prompts
 from lit_reason.steps import StepSplitter
 from lit_reason.tasks import get_task
+from helpers import biased_copy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASK_KW = {"n_train": 40, "n_validation": 8, "n_test": 8}
@@ -49,12 +49,7 @@ def task():
 
 @pytest.fixture(scope="module")
 def policy(tiny_model, tiny_tokenizer):
-    model = copy.deepcopy(tiny_model)
-    bias = torch.zeros(len(tiny_tokenizer))
-    bias[tiny_tokenizer("\n", add_special_tokens=False)["input_ids"]] = 4.0
-    bias[tiny_tokenizer.eos_token_id] = 2.5
-    model.lm_head.register_forward_hook(lambda module, inputs, out: out + bias.to(out.dtype))
-    return model, tiny_tokenizer
+    return biased_copy(tiny_model, tiny_tokenizer, newline=4.0, eos=2.5), tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ so that prompts with positives, negatives, both and neither all occur.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -21,21 +20,13 @@ from lit_reason.methods import DPO, RFT
 from lit_reason.methods.offline import OfflineRL, pack_states
 from lit_reason.models.logprobs import response_logprobs
 from lit_reason.tasks import get_task
+from helpers import biased_copy
 
 TASK = {"name": "arithmetic", "n_train": 24, "n_validation": 4, "n_test": 4}
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 # rewards by (prompt, sample): prompt 0 mixed, 1 all positive, 2 all negative, 3 mixed
 LABELS = {0: [1, 0, 1], 1: [1, 1, 1], 2: [0, 0, 0], 3: [0, 1, 0]}
-
-
-def _biased(model, tokenizer):
-    model = copy.deepcopy(model)
-    bias = torch.zeros(len(tokenizer))
-    bias[tokenizer("\n", add_special_tokens=False)["input_ids"]] = 4.0
-    bias[tokenizer.eos_token_id] = 3.0
-    model.lm_head.register_forward_hook(lambda module, inputs, out: out + bias.to(out.dtype))
-    return model
 
 
 def relabel(folder: Path, labels: dict[int, list[int]]) -> None:
@@ -56,10 +47,17 @@ def relabel(folder: Path, labels: dict[int, list[int]]) -> None:
 def dataset(tmp_path_factory, tiny_model, tiny_tokenizer) -> Path:
     out = tmp_path_factory.mktemp("offline") / "data"
     task = get_task(**TASK)
-    collect((_biased(tiny_model, tiny_tokenizer), tiny_tokenizer), task, out, samples=3, limit=4, max_new_tokens=16,
+    collect((biased_copy(tiny_model, tiny_tokenizer, eos=3.0), tiny_tokenizer), task, out, samples=3, limit=4, max_new_tokens=16,
             chunk_size=2, progress=False, policy_name="tiny")
     relabel(out, LABELS)
     return out
+
+
+class AllRows(RFT):
+    """RFT on every row: the random tiny model is never right, and these tests are about the loop."""
+
+    def select_items(self, rows):
+        return rows
 
 
 def make(cls, policy, data, **kwargs):
@@ -164,7 +162,7 @@ def test_a_dataset_from_another_tokenizer_is_refused(tmp_path, tiny_policy_dir):
     tok = build_tokenizer(vocab_size=320)
     other = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     out = tmp_path / "other"
-    collect((_biased(other, tok), tok), get_task(**TASK), out, samples=1, limit=2, max_new_tokens=8, progress=False)
+    collect((biased_copy(other, tok, eos=3.0), tok), get_task(**TASK), out, samples=1, limit=2, max_new_tokens=8, progress=False)
     with pytest.raises(ValueError, match="another tokenizer"):
         make(RFT, tiny_policy_dir, out).load_rows()
 
@@ -212,10 +210,6 @@ def test_bad_collect_settings_name_the_key(tiny_policy_dir):
 def test_fit_collects_on_first_use_then_reuses_and_checkpoints_the_data_path(tmp_path, tiny_policy_dir):
     data = tmp_path / "collected"
 
-    class AllRows(RFT):  # the random tiny model is never right: train on every row
-        def select_items(self, rows):
-            return rows
-
     def run(max_steps):
         module = AllRows(policy=tiny_policy_dir, task=TASK, data=str(data), batch_size=4, max_new_tokens=8,
                          progress=False, collect={"samples": 2, "limit": 4, "temperature": 1.0})
@@ -244,10 +238,6 @@ def test_offline_base_has_no_loss_of_its_own(tiny_policy_dir, dataset):
 
 def test_eval_accuracy_every_n_epochs_evaluates_after_each_epoch(tmp_path, tiny_policy_dir, dataset):
     from lit_reason.callbacks import EvalAccuracy
-
-    class AllRows(RFT):
-        def select_items(self, rows):
-            return rows
 
     module = AllRows(policy=tiny_policy_dir, task=TASK, data=str(dataset), batch_size=6, max_new_tokens=8,
                      progress=False)

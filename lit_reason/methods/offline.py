@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lit_reason.methods.common import ExampleRows, GreedyAccuracyLoops, as_list, resolve_task, warmup_cosine
-from lit_reason.models.logprobs import response_logprobs
+from lit_reason.models.logprobs import pack_states, response_logprobs
 from lit_reason.models.policy import Reference, build_policy
 from lit_reason.rollout.batch import TrajectoryBatch
 from lit_reason.steps import StepSplitter
@@ -264,24 +264,3 @@ class OfflineRL(GreedyAccuracyLoops, pl.LightningModule):
             out.append((beta * ((logp - ref) * resp).sum(-1)).float().cpu())
         return torch.cat(out)
 
-
-def pack_states(prompt_ids, partial_ids, pad_token_id: int):
-    """Left-pads prompts and right-pads partial responses into one batch.
-
-    Returns:
-        ``(input_ids [N, P+L], attention_mask [N, P+L], P, response_mask [N, L])``; L may be 0.
-    """
-    P = max(len(p) for p in prompt_ids)
-    L = max((len(q) for q in partial_ids), default=0)
-    n = len(prompt_ids)
-    ids = torch.full((n, P + L), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((n, P + L), dtype=torch.long)
-    resp = torch.zeros((n, L))
-    for i, (p, q) in enumerate(zip(prompt_ids, partial_ids)):
-        ids[i, P - len(p) : P] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, P - len(p) : P] = 1
-        if q:
-            ids[i, P : P + len(q)] = torch.as_tensor(list(q), dtype=torch.long)
-            mask[i, P : P + len(q)] = 1
-            resp[i, : len(q)] = 1
-    return ids, mask, P, resp

@@ -82,3 +82,32 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits.float(), -1)
     ref = torch.log_softmax(ref_logits.float(), -1)
     return F.kl_div(ref, logp, log_target=True, reduction="none").sum(-1)
+
+
+def pack_states(prompt_ids, partial_ids, pad_token_id: int, min_width: int = 0):
+    """Left-pads prompts and right-pads continuations (partial responses, steps) into one batch,
+    the layout :func:`response_logprobs` reads.
+
+    Args:
+        prompt_ids: N prefix token lists (non-empty).
+        partial_ids: N continuation token lists (may be empty).
+        pad_token_id: Pad id.
+        min_width: Smallest continuation width L (1 keeps a batch of empty continuations scorable).
+
+    Returns:
+        ``(input_ids [N, P+L], attention_mask [N, P+L], P, response_mask [N, L])``.
+    """
+    P = max(len(p) for p in prompt_ids)
+    L = max(max((len(q) for q in partial_ids), default=0), min_width)
+    n = len(prompt_ids)
+    ids = torch.full((n, P + L), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((n, P + L), dtype=torch.long)
+    resp = torch.zeros((n, L))
+    for i, (p, q) in enumerate(zip(prompt_ids, partial_ids)):
+        ids[i, P - len(p) : P] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, P - len(p) : P] = 1
+        if q:
+            ids[i, P : P + len(q)] = torch.as_tensor(list(q), dtype=torch.long)
+            mask[i, P : P + len(q)] = 1
+            resp[i, : len(q)] = 1
+    return ids, mask, P, resp

@@ -104,7 +104,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from lit_reason.models.logprobs import response_logprobs
+from lit_reason.models.logprobs import pack_states, response_logprobs
 from lit_reason.rollout.next_step import sample_next_steps
 from lit_reason.rollout.sampler import RolloutEngine, eval_mode
 from lit_reason.rollout.trajectories import encode_prompts
@@ -294,13 +294,7 @@ def step_logprobs(model, prefixes: Sequence[Sequence[int]], steps: Sequence[Sequ
     with eval_mode(model):
         for start in range(0, len(steps), batch_size):
             pre, st = prefixes[start:start + batch_size], steps[start:start + batch_size]
-            P, L = max(len(p) for p in pre), max(max(len(s) for s in st), 1)
-            ids = torch.full((len(st), P + L), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(st), P + L), dtype=torch.long)
-            for b, (p, s) in enumerate(zip(pre, st)):
-                ids[b, P - len(p):P] = torch.as_tensor(list(p), dtype=torch.long)
-                ids[b, P:P + len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-                mask[b, P - len(p):P + len(s)] = 1
+            ids, mask, P, _ = pack_states(pre, st, pad_token_id, min_width=1)
             lp = response_logprobs(model, ids.to(device), mask.to(device), P).float().cpu()
             out.extend(lp[b, :len(s)].tolist() for b, s in enumerate(st))
     return out
