@@ -94,16 +94,12 @@ class DVO(OfflineRL):
         self.refresh_simulations: int | None = None  # set by MCTSTargetRefresh when it defers to rounds
 
     # ---- data -------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        if stage != "fit":
-            return
-        if self.data_path is None:
-            self.data_path = Path(self.trainer.default_root_dir) / "data"
-        if self.hparams.targets is not None:
-            # rank 0 builds (or resumes / reuses) with the start policy; the others wait and read it
-            if self.trainer.is_global_zero:
-                self.build_targets(self.data_path, self.hparams.targets, policy_name=self.hparams.policy)
-            self.trainer.strategy.barrier("lit_reason_dvo_targets")
+    def builds_data(self) -> bool:
+        return self.hparams.targets is not None
+
+    def build_dataset(self, output: Path) -> Path:
+        """Searches (or resumes / reuses) the round-0 targets with the start policy."""
+        return self.build_targets(output, self.hparams.targets, policy_name=self.hparams.policy)
 
     def build_targets(self, output: str | Path, settings: dict, policy_name: str) -> Path:
         """Builds the target dataset with the module's *current* policy (:func:`build_target_dataset`)."""

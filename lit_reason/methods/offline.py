@@ -118,11 +118,19 @@ class OfflineRL(GreedyAccuracyLoops, pl.LightningModule):
             return
         if self.data_path is None:
             self.data_path = Path(self.trainer.default_root_dir) / "data"
-        if self.hparams.collect is not None:
-            # rank 0 collects (or finds the complete dataset); the others wait and read it
+        if self.builds_data():
+            # rank 0 builds (or resumes, or finds the complete dataset); the others wait and read it
             if self.trainer.is_global_zero:
-                self.collect_dataset(self.hparams.policy, self.data_path, self.hparams.collect)
-            self.trainer.strategy.barrier("lit_reason_collect")
+                self.build_dataset(self.data_path)
+            self.trainer.strategy.barrier("lit_reason_offline_data")
+
+    def builds_data(self) -> bool:
+        """Whether ``setup`` builds the dataset on first use (here: ``collect`` is set)."""
+        return self.hparams.collect is not None
+
+    def build_dataset(self, output: Path) -> Path:
+        """Builds the round-0 dataset with the start policy (here: a collection)."""
+        return self.collect_dataset(self.hparams.policy, output, self.hparams.collect)
 
     def collect_dataset(self, policy: Any, output: Path, settings: dict, policy_name: str | None = None) -> Path:
         """Collects (or resumes, or reuses) a dataset with ``policy`` (a name or ``(model, tokenizer)``)."""
