@@ -16,6 +16,7 @@ import torch
 from lit_reason.metrics import (
     CalibrationStats,
     RankStats,
+    best_of_k_accuracy,
     pairwise_outcome_accuracy,
     plot_reliability,
     rank_accuracy,
@@ -229,6 +230,41 @@ def test_pairwise_outcome_accuracy_hand_computed():
     assert (acc, pairs) == (approx(0.625), 4)
     acc, pairs = pairwise_outcome_accuracy(values, torch.ones(10), groups)
     assert pairs == 0 and math.isnan(acc)
+
+
+def test_best_of_k_accuracy_hand_computed():
+    # same rows as above; pick per prompt (ties -> earliest row of the prompt):
+    # prompt 0: .9 (row 0, correct) -> 1 | prompt 1: .5 row 3 vs .5 row 5, tie -> row 3, correct -> 1
+    # prompt 2: .7 (row 6, correct) -> 1 | prompt 3: .3 (row 8, incorrect) -> 0
+    # prompt 7: .6 (row 4, incorrect) -> 0  ->  3 / 5
+    values = torch.tensor([0.9, 0.4, 0.2, 0.5, 0.6, 0.5, 0.7, 0.1, 0.3, 0.2])
+    outcomes = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 0, 0])
+    groups = torch.tensor([0, 7, 0, 1, 7, 1, 2, 2, 3, 7])
+    assert best_of_k_accuracy(values, outcomes, groups) == (approx(0.6), 5)
+    # swapping the tied rows' order changes the pick of prompt 1 to the incorrect one: 2 / 5
+    swapped = [0, 1, 2, 5, 4, 3, 6, 7, 8, 9]
+    assert best_of_k_accuracy(values[swapped], outcomes[swapped], groups[swapped]) == (approx(0.4), 5)
+    acc, n = best_of_k_accuracy(torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    assert n == 0 and math.isnan(acc)
+    with pytest.raises(ValueError, match="outcomes"):
+        best_of_k_accuracy(values, outcomes * 2, groups)
+    with pytest.raises(ValueError, match="group_ids"):
+        best_of_k_accuracy(values, outcomes, groups[:3])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_best_of_k_accuracy_matches_naive(seed):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 4, (200,), generator=g).double()  # many ties
+    outcomes = torch.randint(0, 2, (200,), generator=g)
+    groups = torch.randint(0, 30, (200,), generator=g)
+    best = {}
+    for i in range(200):  # first strictly higher value wins, so ties keep the earliest row
+        k = int(groups[i])
+        if k not in best or values[i] > values[best[k]]:
+            best[k] = i
+    naive = sum(int(outcomes[i]) for i in best.values()) / len(best)
+    assert best_of_k_accuracy(values, outcomes, groups) == (approx(naive), len(best))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -185,3 +185,20 @@ def test_bad_split_and_missing_field():
         task.prompt({"operands": [1, 2]})
     with pytest.raises(KeyError, match="operators"):
         task.reference_solution({"question": "1+2", "operands": [1, 2]})
+
+
+def test_step_correctness_labels_the_first_error_and_everything_after():
+    task = _small()
+    ex = {"question": "9+3-3-2", "operands": [9, 3, 3, 2], "operators": ["+", "-", "-"], "answer": 7}
+    # 9+3=12, 12-3=9, 9-2=7: all correct, the answer line merged into the last step
+    assert task.step_correctness(ex, ["9+3=12\n", "12-3=9\n", "9-2=7\nAnswer: 7"]) == [True, True, True]
+    # the second line is wrong (12-3 is 9); the rest follows from it and stays False
+    assert task.step_correctness(ex, ["9+3=12\n", "12-3=8\n", "8-2=6\nAnswer: 6"]) == [True, False, False]
+    # a wrong copied operand with a right answer by accident is still an error from that line on
+    assert task.step_correctness(ex, ["9+3=12\n", "12-2=10\n", "10-3=7\nAnswer: 7"]) == [True, False, False]
+    # right lines but a wrong answer line; blank lines and surrounding spaces are ignored
+    assert task.step_correctness(ex, [" 9+3=12 \n\n", "12-3=9\n9-2=7\n", "Answer: 8"]) == [True, True, False]
+    # an extra arithmetic line past the reference's last one is an error; an answer with no number too
+    assert task.step_correctness(ex, ["9+3=12\n12-3=9\n9-2=7\n", "7-0=7\n"]) == [True, False]
+    assert task.step_correctness(ex, ["Answer: seven"]) == [False]
+    assert task.step_correctness(ex, []) == []

@@ -306,6 +306,48 @@ def pairwise_outcome_accuracy(values: Any, outcomes: Any, group_ids: Any) -> tup
     return (correct / pairs if pairs else float("nan")), pairs
 
 
+def best_of_k_accuracy(values: Any, outcomes: Any, group_ids: Any) -> tuple[float, int]:
+    """Selection accuracy: pick each prompt's highest-valued trajectory; how often is it correct?
+
+    What a value model contributes to search and reranking: the accuracy of best-of-K selection
+    among the K trajectories sampled for each prompt (same ``group_ids`` entry). Ties go to the
+    earliest trajectory of the group (input order), as in beam search. Compare it with the mean
+    outcome (random selection) and the fraction of prompts with any correct trajectory (pass@K,
+    a perfect selector).
+
+    Args:
+        values: ``[N]`` predicted values of the trajectories (any scale).
+        outcomes: ``[N]`` 0/1 (or bool) correctness of each trajectory.
+        group_ids: ``[N]`` integer prompt id of each trajectory.
+
+    Returns:
+        ``(accuracy, num_groups)``: the mean over prompts of the chosen trajectory's outcome;
+        ``nan`` when there is no trajectory.
+
+    Raises:
+        ValueError: on a shape mismatch (naming the argument), non-finite values, non-0/1
+            outcomes or non-integer group ids.
+    """
+    v = _to_f64(values, "values")
+    y = _to_f64(outcomes, "outcomes")
+    gid = _to_index(group_ids, "group_ids")
+    _check_shape("outcomes", y, "values", v)
+    _check_shape("group_ids", gid, "values", v)
+    _check_finite("values", v)
+    _check_binary("outcomes", y)
+    v, y, gid = v.reshape(-1), y.reshape(-1), gid.reshape(-1)
+    if v.numel() == 0:
+        return float("nan"), 0
+    # sort by (group, -value, input order): the first row of each group is its pick
+    order = torch.arange(v.numel())
+    order = order[torch.sort(-v[order], stable=True).indices]
+    order = order[torch.sort(gid[order], stable=True).indices]
+    first = torch.ones(order.numel(), dtype=torch.bool)
+    first[1:] = gid[order][1:] != gid[order][:-1]
+    picks = y[order][first]
+    return float(picks.mean()), int(picks.numel())
+
+
 # ----------------------------------------------------------------------------------------------
 # accumulators
 # ----------------------------------------------------------------------------------------------

@@ -195,6 +195,39 @@ class ArithmeticTask(Task):
         sign, digits = match.groups()
         return str(int(sign + digits))
 
+    def step_correctness(self, example: dict, steps: list[str]) -> list[bool]:
+        """Exact process labels: is the response error-free up to and including each step?
+
+        A response line is correct when it equals the reference line at the same position
+        (``a op b=c``, whitespace around it ignored); the ``Answer:`` line is correct when its
+        integer matches the gold answer. Once a line is wrong, every later step is labelled False
+        (the running value is wrong from there on), even if the final answer is right by accident.
+        Blank lines are ignored; a line past the reference's last one is an error.
+
+        Args:
+            example: A row of this task.
+            steps: The response's steps as text, in order (e.g. the spans of a StepSplitter; a
+                step may hold several lines).
+
+        Returns:
+            One bool per step.
+        """
+        reference = self.reference_solution(example).split("\n")
+        gold = self.reference_answer(example)
+        labels, ok, line_index = [], True, 0
+        for step in steps:
+            for line in (part.strip() for part in step.split("\n")):
+                if not line or not ok:
+                    continue
+                if line.startswith(self.answer_prefix):
+                    predicted = self.extract_answer(line)
+                    ok = predicted is not None and self.answers_match(predicted, gold)
+                else:
+                    ok = line_index < len(reference) - 1 and line == reference[line_index]
+                line_index += 1
+            labels.append(ok)
+        return labels
+
     def answers_match(self, predicted: str, gold: str) -> bool:
         """Exact integer equality."""
         try:

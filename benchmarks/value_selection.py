@@ -1,0 +1,199 @@
+"""Can a value model of the embedded policy's size pick the correct answer among its samples?
+
+Value-guided search (OREO's beam search) beats greedy decoding only when the value model ranks
+the *samples of one prompt* correctly: telling prompt difficulty apart is not enough. This
+benchmark measures exactly that, on held-out prompts of a collected dataset (``--data``; collected
+on first use: ``embedded:arithmetic``, the first ``--prompts`` training prompts x 8 samples at
+T 0.7, the offline recipes' sampling; the last ``--heldout`` prompts are held out):
+
+* ``best-of-8``: accuracy when each held-out prompt keeps its highest-valued sample
+  (:func:`lit_reason.metrics.best_of_k_accuracy`; the value of the state before EOS, as beam
+  search reads it);
+* ``pairs (outcome)``: within-prompt pairwise accuracy, correct vs incorrect sample
+  (:func:`lit_reason.metrics.pairwise_outcome_accuracy`, chance 0.5);
+* ``pairs (steps)``: the same over step-end states against the task's exact process labels
+  (:meth:`ArithmeticTask.step_correctness`: is the prefix error-free so far?), pairs within a prompt.
+
+Scorers: value models trained here from the start policy's trunk (zero-initialised head with bias,
+AdamW betas 0.9/0.95, gradient clip 1) on the other prompts' rows with
+
+* ``outcome``: MSE of every response state's value onto the sample's 0/1 outcome (the Monte Carlo
+  target; OREO's critic target while the policy equals the reference);
+* ``process``: MSE of each step-end state's value onto its exact process label, an oracle no
+  method of METHODS has (an upper bound on what the architecture learns from this much data);
+
+any saved value model (``--value DIR``, e.g. one exported by ``callbacks/export_value_model.yaml``),
+and references that need no value model: random choice (the mean outcome), the policy's own
+likelihood (summed behaviour log-probs at T 0.7), majority vote over answers, and pass@8 (a
+perfect selector).
+
+Run:  python benchmarks/value_selection.py [--prompts 4096] [--heldout 128] [--train outcome process]
+      [--epochs 3 4] [--lr 3e-4 5e-4] [--value runs/bench/oreo_beam/value]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+from lit_reason.commands.collect import collect
+from lit_reason.data.trajectories import TrajectoryDataset
+from lit_reason.metrics import best_of_k_accuracy, pairwise_outcome_accuracy
+from lit_reason.models.loading import load_tokenizer
+from lit_reason.models.value import ValueModel
+from lit_reason.tasks import get_task
+
+POLICY = "embedded:arithmetic"
+
+
+def step_texts(row: dict, tokenizer) -> list[str]:
+    """The response's steps as text (spans of ``step_ends``)."""
+    starts = [0] + [e + 1 for e in row["step_ends"][:-1]]
+    return [tokenizer.decode(row["response_ids"][s : e + 1], skip_special_tokens=True)
+            for s, e in zip(starts, row["step_ends"])]
+
+
+def step_states(row: dict) -> list[int]:
+    """Response lengths of the states after each step (the last: the state before EOS)."""
+    ends = row["step_ends"]
+    return [e + 1 for e in ends[:-1]] + [ends[-1] if row["finish"] == "eos" else ends[-1] + 1]
+
+
+def train_value_model(rows: list[dict], targets: str, epochs: int, lr: float, batch_size: int, seed: int,
+                      pad_token_id: int) -> ValueModel:
+    """A value model from the start policy's trunk, regressed onto ``outcome`` or ``process`` labels."""
+    torch.manual_seed(seed)
+    model = ValueModel.from_policy_name(POLICY, bias=True, zero_init=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rows = list(rows)
+    model.train()
+    for epoch in range(epochs):
+        random.Random(seed + epoch).shuffle(rows)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            b = TrajectoryDataset.to_batch(chunk, pad_token_id)
+            values = model.response_values(b.input_ids, b.attention_mask, b.prompt_len)  # [B, L]: V(s_t)
+            if targets == "outcome":
+                mask = b.response_mask
+                loss = (((values - b.rewards.float()[:, None]) ** 2) * mask).sum() / mask.sum()
+            else:
+                rows_idx, pos, labels = [], [], []
+                for i, r in enumerate(chunk):
+                    for t, label in zip(step_states(r), r["process"]):
+                        if t < values.shape[1]:  # a truncated response has no state after its last token
+                            rows_idx.append(i), pos.append(t), labels.append(float(label))
+                loss = ((values[rows_idx, pos] - torch.tensor(labels)) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+    return model.eval()
+
+
+def score(values_fn, rows: list[dict]) -> dict:
+    """best-of-8 / outcome pairs / step pairs of one scorer on the held-out rows."""
+    finals = [r["prompt_ids"] + r["response_ids"][: step_states(r)[-1]] for r in rows]
+    groups = [r["prompt_index"] for r in rows]
+    outcomes = [float(r["reward"] > 0.5) for r in rows]
+    v = values_fn(finals)
+    out = {"best-of-8": best_of_k_accuracy(v, outcomes, groups)[0],
+           "pairs (outcome)": pairwise_outcome_accuracy(v, outcomes, groups)[0]}
+    states, labels, state_groups = [], [], []
+    for r in rows:
+        for t, label in zip(step_states(r), r["process"]):
+            states.append(r["prompt_ids"] + r["response_ids"][:t])
+            labels.append(float(label))
+            state_groups.append(r["prompt_index"])
+    out["pairs (steps)"] = pairwise_outcome_accuracy(values_fn(states), labels, state_groups)[0]
+    return out
+
+
+def model_values(model: ValueModel, pad_token_id: int):
+    def fn(seqs):
+        with torch.no_grad():
+            return model.values_of(seqs, pad_token_id, batch_size=128).float()
+    return fn
+
+
+def majority_vote(rows: list[dict], task) -> float:
+    """Accuracy of the most frequent answer (ties: the first seen), per prompt."""
+    by_prompt = defaultdict(list)
+    for r in rows:
+        by_prompt[r["prompt_index"]].append(r)
+    correct = 0.0
+    for group in by_prompt.values():
+        answers = [task.extract_answer(r["response"]) for r in group]
+        top = Counter(a for a in answers if a is not None).most_common(1)
+        if top:
+            correct += next(r["reward"] for r, a in zip(group, answers) if a == top[0][0])
+    return correct / len(by_prompt)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=None, help="collected dataset (default runs/data/arithmetic-t0.7-k8-<prompts>)")
+    ap.add_argument("--prompts", type=int, default=4096)
+    ap.add_argument("--heldout", type=int, default=128)
+    ap.add_argument("--train", nargs="*", default=["outcome", "process"], choices=["outcome", "process"])
+    ap.add_argument("--epochs", type=int, nargs="*", default=[3, 4], help="one per --train entry")
+    ap.add_argument("--lr", type=float, nargs="*", default=[3e-4, 5e-4], help="one per --train entry")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--value", nargs="*", default=[], help="saved value model folders to score too")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if not len(args.epochs) == len(args.lr) == len(args.train):
+        ap.error(f"--epochs {args.epochs} and --lr {args.lr} need one entry per --train entry {args.train}")
+
+    task = get_task("arithmetic")
+    tokenizer = load_tokenizer(POLICY)
+    data = Path(args.data or f"runs/data/arithmetic-t0.7-k8-{args.prompts}")
+    collect(POLICY, task, data, samples=8, limit=args.prompts, temperature=0.7, seed=args.seed)
+    dataset = TrajectoryDataset(data)
+    dataset.check_compatible(tokenizer, task)
+    examples = task.examples(dataset.meta.get("split", "train"))
+    for r in dataset.rows:
+        r["process"] = task.step_correctness(examples[r["prompt_index"]], step_texts(r, tokenizer))
+    cut = dataset.num_prompts - args.heldout
+    train = [r for r in dataset.rows if r["prompt_index"] < cut]
+    heldout = [r for r in dataset.rows if r["prompt_index"] >= cut]
+    pad = tokenizer.pad_token_id
+    k = Counter(r["prompt_index"] for r in heldout)
+
+    table = []
+    by_prompt = defaultdict(list)
+    for r in heldout:
+        by_prompt[r["prompt_index"]].append(r)
+    table.append(("random sample (mean outcome)", sum(r["reward"] for r in heldout) / len(heldout), "", "", ""))
+    lik = torch.tensor([sum(r["behaviour_logprobs"]) for r in heldout])
+    table.append(("policy likelihood (sum log-prob)",
+                  best_of_k_accuracy(lik, [float(r["reward"] > 0.5) for r in heldout],
+                                     [r["prompt_index"] for r in heldout])[0], "", "", ""))
+    table.append(("majority vote", majority_vote(heldout, task), "", "", ""))
+    table.append(("pass@8 (perfect selector)",
+                  sum(any(r["reward"] > 0.5 for r in g) for g in by_prompt.values()) / len(by_prompt), "", "", ""))
+    for targets, epochs, lr in zip(args.train, args.epochs, args.lr):
+        start = time.perf_counter()
+        model = train_value_model(train, targets, epochs, lr, args.batch_size, args.seed, pad)
+        seconds = time.perf_counter() - start
+        s = score(model_values(model, pad), heldout)
+        table.append((f"value model, {targets} labels ({epochs} ep, lr {lr:g})", s["best-of-8"],
+                      s["pairs (outcome)"], s["pairs (steps)"], f"{seconds:.0f}"))
+    for folder in args.value:
+        s = score(model_values(ValueModel.load(folder).eval(), pad), heldout)
+        table.append((f"saved value model {folder}", s["best-of-8"], s["pairs (outcome)"], s["pairs (steps)"], ""))
+
+    print(f"\n{len(by_prompt)} held-out prompts x {min(k.values())}-{max(k.values())} samples; "
+          f"{len(train)} training rows from {cut} prompts ({data})\n")
+    print("| scorer | best-of-8 accuracy | pairs (outcome) | pairs (steps) | train s |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, *cols in table:
+        print(f"| {name} | " + " | ".join(c if isinstance(c, str) else f"{c:.3f}" for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
