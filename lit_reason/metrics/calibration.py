@@ -199,6 +199,18 @@ def _rank_counts(pred: Any, truth: Any, mask: Any | None) -> tuple[float, int]:
     return correct, pairs
 
 
+def _grouped_outcomes(values: Any, outcomes: Any, group_ids: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Checked flat ``[N]`` values (float64), 0/1 outcomes (float64) and integer group ids."""
+    v = _to_f64(values, "values")
+    y = _to_f64(outcomes, "outcomes")
+    gid = _to_index(group_ids, "group_ids")
+    _check_shape("outcomes", y, "values", v)
+    _check_shape("group_ids", gid, "values", v)
+    _check_finite("values", v)
+    _check_binary("outcomes", y)
+    return v.reshape(-1), y.reshape(-1), gid.reshape(-1)
+
+
 def _pairwise_outcome_counts(values: Any, outcomes: Any, group_ids: Any) -> tuple[float, int]:
     """Correct-pair credit and pair count for :func:`pairwise_outcome_accuracy` (see there).
 
@@ -209,14 +221,7 @@ def _pairwise_outcome_counts(values: Any, outcomes: Any, group_ids: Any) -> tupl
     Computing it from one lexicographic sort is O(N log N) and fully vectorised, where the
     explicit pair matrix would be O(N^2) memory across all prompts.
     """
-    v = _to_f64(values, "values")
-    y = _to_f64(outcomes, "outcomes")
-    gid = _to_index(group_ids, "group_ids")
-    _check_shape("outcomes", y, "values", v)
-    _check_shape("group_ids", gid, "values", v)
-    _check_finite("values", v)
-    _check_binary("outcomes", y)
-    v, y, gid = v.reshape(-1), y.reshape(-1), gid.reshape(-1)
+    v, y, gid = _grouped_outcomes(values, outcomes, group_ids)
     n = v.numel()
     if n == 0:
         return 0.0, 0
@@ -328,14 +333,7 @@ def best_of_k_accuracy(values: Any, outcomes: Any, group_ids: Any) -> tuple[floa
         ValueError: on a shape mismatch (naming the argument), non-finite values, non-0/1
             outcomes or non-integer group ids.
     """
-    v = _to_f64(values, "values")
-    y = _to_f64(outcomes, "outcomes")
-    gid = _to_index(group_ids, "group_ids")
-    _check_shape("outcomes", y, "values", v)
-    _check_shape("group_ids", gid, "values", v)
-    _check_finite("values", v)
-    _check_binary("outcomes", y)
-    v, y, gid = v.reshape(-1), y.reshape(-1), gid.reshape(-1)
+    v, y, gid = _grouped_outcomes(values, outcomes, group_ids)
     if v.numel() == 0:
         return float("nan"), 0
     # sort by (group, -value, input order): the first row of each group is its pick
