@@ -3,7 +3,7 @@
 Value-guided search (OREO's beam search) beats greedy decoding only when the value model ranks
 the *samples of one prompt* correctly: telling prompt difficulty apart is not enough. This
 benchmark measures exactly that, on held-out prompts of a collected dataset (``--data``; collected
-on first use: ``embedded:arithmetic``, the first ``--prompts`` training prompts x 8 samples at
+on first use: ``--policy``, default ``embedded:arithmetic``, the first ``--prompts`` training prompts x 8 samples at
 T 0.7, the offline recipes' sampling; the last ``--heldout`` prompts are held out):
 
 * ``best-of-8``: accuracy when each held-out prompt keeps its highest-valued sample
@@ -27,7 +27,7 @@ and references that need no value model: random choice (the mean outcome), the p
 likelihood (summed behaviour log-probs at T 0.7), majority vote over answers, and pass@8 (a
 perfect selector).
 
-Run:  python benchmarks/value_selection.py [--prompts 4096] [--heldout 128] [--train outcome process]
+Run:  python benchmarks/value_selection.py [--policy embedded:arithmetic] [--prompts 4096] [--heldout 128] [--train outcome process]
       [--epochs 3 4] [--lr 3e-4 5e-4] [--value runs/bench/oreo_beam/value]
 """
 
@@ -64,11 +64,11 @@ def step_states(row: dict) -> list[int]:
     return [e + 1 for e in ends[:-1]] + [ends[-1] if row["finish"] == "eos" else ends[-1] + 1]
 
 
-def train_value_model(rows: list[dict], targets: str, epochs: int, lr: float, batch_size: int, seed: int,
-                      pad_token_id: int) -> ValueModel:
-    """A value model from the start policy's trunk, regressed onto ``outcome`` or ``process`` labels."""
+def train_value_model(policy: str, rows: list[dict], targets: str, epochs: int, lr: float, batch_size: int,
+                      seed: int, pad_token_id: int) -> ValueModel:
+    """A value model from the policy's trunk, regressed onto ``outcome`` or ``process`` labels."""
     torch.manual_seed(seed)
-    model = ValueModel.from_policy_name(POLICY, bias=True, zero_init=True)
+    model = ValueModel.from_policy_name(policy, bias=True, zero_init=True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     rows = list(rows)
     model.train()
@@ -136,6 +136,7 @@ def majority_vote(rows: list[dict], task) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--policy", default=POLICY, help="the sampling policy; value models start from its trunk")
     ap.add_argument("--data", default=None, help="collected dataset (default runs/data/arithmetic-t0.7-k8-<prompts>)")
     ap.add_argument("--prompts", type=int, default=4096)
     ap.add_argument("--heldout", type=int, default=128)
@@ -148,11 +149,13 @@ def main() -> None:
     args = ap.parse_args()
     if not len(args.epochs) == len(args.lr) == len(args.train):
         ap.error(f"--epochs {args.epochs} and --lr {args.lr} need one entry per --train entry {args.train}")
+    if args.policy != POLICY and args.data is None:
+        ap.error(f"--policy {args.policy} needs its own --data folder (the default one holds {POLICY}'s samples)")
 
     task = get_task("arithmetic")
-    tokenizer = load_tokenizer(POLICY)
+    tokenizer = load_tokenizer(args.policy)
     data = Path(args.data or f"runs/data/arithmetic-t0.7-k8-{args.prompts}")
-    collect(POLICY, task, data, samples=8, limit=args.prompts, temperature=0.7, seed=args.seed)
+    collect(args.policy, task, data, samples=8, limit=args.prompts, temperature=0.7, seed=args.seed)
     dataset = TrajectoryDataset(data)
     dataset.check_compatible(tokenizer, task)
     examples = task.examples(dataset.meta.get("split", "train"))
@@ -178,7 +181,7 @@ def main() -> None:
                   sum(any(r["reward"] > 0.5 for r in g) for g in by_prompt.values()) / len(by_prompt), "", "", ""))
     for targets, epochs, lr in zip(args.train, args.epochs, args.lr):
         start = time.perf_counter()
-        model = train_value_model(train, targets, epochs, lr, args.batch_size, args.seed, pad)
+        model = train_value_model(args.policy, train, targets, epochs, lr, args.batch_size, args.seed, pad)
         seconds = time.perf_counter() - start
         s = score(model_values(model, pad), heldout)
         table.append((f"value model, {targets} labels ({epochs} ep, lr {lr:g})", s["best-of-8"],
