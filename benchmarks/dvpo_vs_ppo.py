@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +40,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/dvpo_vs_ppo.py` from a checkout without an install
     sys.path.insert(0, str(REPO))
+from benchmarks.vineppo_vs_ppo import eval_every_fragment, fit_recipe  # noqa: E402  (the shared runner)
+
 PROBE_FILE = "memory_probe.json"
 
 
@@ -86,23 +86,9 @@ class MemoryProbe(pl.Callback):
 
 
 def run(method: str, seed: int, root: Path, eval_every: int, extra: list[str]) -> float:
-    fragment = root / "bench.yaml"
-    fragment.parent.mkdir(parents=True, exist_ok=True)
-    fragment.write_text(
-        "trainer:\n  callbacks+:\n    - class_path: lit_reason.callbacks.EvalAccuracy\n"
-        f"      init_args: {{split: validation, limit: 200, every_n_steps: {eval_every}}}\n"
-        "    - class_path: benchmarks.dvpo_vs_ppo.MemoryProbe\n"
-    )
-    cmd = [sys.executable, "-m", "lit_reason", "fit", "--config", f"recipes/{method}.yaml", "--config", str(fragment),
-           "--seed_everything", str(seed), "--model.init_args.seed", str(seed),
-           "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-           "--model.init_args.progress", "false", *extra]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t
+    fragment = ("trainer:\n  callbacks+:\n" + eval_every_fragment(f"every_n_steps: {eval_every}")
+                + "    - class_path: benchmarks.dvpo_vs_ppo.MemoryProbe\n")
+    return fit_recipe(method, seed, root, fragment, ["--model.init_args.progress", "false", *extra])
 
 
 def read(root: Path, steps_per_iteration: int) -> dict:

@@ -16,43 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vineppo_vs_ppo import read  # noqa: E402  (same metrics.csv reader)
+from vineppo_vs_ppo import eval_every_fragment, fit_recipe, read  # noqa: E402  (same runner and reader)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(method: str, seed: int, root: Path, rounds: int | None, extra: list[str]) -> float:
-    fragment = root / "eval_every_epoch.yaml"
-    fragment.parent.mkdir(parents=True, exist_ok=True)
-    fragment.write_text(
-        "trainer:\n  callbacks+:\n    - class_path: lit_reason.callbacks.EvalAccuracy\n"
-        "      init_args: {split: validation, limit: 200, every_n_epochs: 1}\n"
-    )
-    configs = ["--config", f"recipes/{method}.yaml", "--config", str(fragment)]
-    if rounds:
-        # callbacks/iterative_rounds.yaml with R rounds of one epoch
-        rounds_fragment = root / "rounds.yaml"
-        rounds_fragment.write_text(
-            f"trainer:\n  max_epochs: {rounds}\n  callbacks+:\n    - class_path: lit_reason.callbacks.IterativeRounds\n"
-            f"      init_args: {{rounds: {rounds}, epochs_per_round: 1}}\n"
-        )
-        configs += ["--config", str(rounds_fragment)]
-    cmd = [sys.executable, "-m", "lit_reason", "fit", *configs, "--seed_everything", str(seed),
-           "--model.init_args.seed", str(seed), "--trainer.default_root_dir", str(root),
-           "--trainer.enable_progress_bar", "false", *extra]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t
+    fragment = "trainer:\n  callbacks+:\n" + eval_every_fragment("every_n_epochs: 1")
+    if rounds:  # callbacks/iterative_rounds.yaml with R rounds of one epoch
+        fragment = (f"trainer:\n  max_epochs: {rounds}\n  callbacks+:\n" + eval_every_fragment("every_n_epochs: 1")
+                    + "    - class_path: lit_reason.callbacks.IterativeRounds\n"
+                    f"      init_args: {{rounds: {rounds}, epochs_per_round: 1}}\n")
+    return fit_recipe(method, seed, root, fragment, extra)
 
 
 def main() -> None:

@@ -22,21 +22,35 @@ from statistics import mean
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(method: str, seed: int, root: Path, eval_every: int, extra: list[str]) -> float:
-    fragment = root / "eval_every.yaml"
-    fragment.parent.mkdir(parents=True, exist_ok=True)
-    fragment.write_text(
-        "trainer:\n  callbacks+:\n    - class_path: lit_reason.callbacks.EvalAccuracy\n"
-        f"      init_args: {{split: validation, limit: 200, every_n_steps: {eval_every}}}\n"
-    )
-    cmd = [sys.executable, "-m", "lit_reason", "fit", "--config", f"recipes/{method}.yaml", "--config", str(fragment),
+def eval_every_fragment(every: str) -> str:
+    """``callbacks+`` entry of EvalAccuracy on the first 200 validation prompts (``every``: its trigger)."""
+    return (f"    - class_path: lit_reason.callbacks.EvalAccuracy\n"
+            f"      init_args: {{split: validation, limit: 200, {every}}}\n")
+
+
+def fit_recipe(method: str, seed: int, root: Path, fragment: str, extra: list[str]) -> float:
+    """Runs ``python -m lit_reason fit`` on ``recipes/<method>.yaml`` plus the YAML ``fragment``.
+
+    The run is seeded (``seed_everything`` and the module's ``seed``), writes into ``root``, logs
+    W&B offline and can import ``benchmarks.*`` (for benchmark callbacks). Returns its wall seconds.
+    """
+    path = root / "bench.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(fragment)
+    cmd = [sys.executable, "-m", "lit_reason", "fit", "--config", f"recipes/{method}.yaml", "--config", str(path),
            "--seed_everything", str(seed), "--model.init_args.seed", str(seed),
            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *extra]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return time.perf_counter() - t
+
+
+def run(method: str, seed: int, root: Path, eval_every: int, extra: list[str]) -> float:
+    fragment = "trainer:\n  callbacks+:\n" + eval_every_fragment(f"every_n_steps: {eval_every}")
+    return fit_recipe(method, seed, root, fragment, extra)
 
 
 def read(root: Path) -> dict:
