@@ -40,7 +40,6 @@ refresh; with each refresh ``refresh/rows``, ``refresh/prompts``, ``refresh/posi
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_reason.callbacks.evaluation import log_metrics
-from lit_reason.callbacks.rounds import RoundSchedule, dataset_stats, reload_every_epoch, resync_data
+from lit_reason.callbacks.rounds import (
+    RoundSchedule,
+    build_on_rank_zero,
+    dataset_stats,
+    reload_every_epoch,
+    resync_data,
+)
 
 __all__ = ["MCTSTargetRefresh"]
 
@@ -143,19 +148,11 @@ class MCTSTargetRefresh(pl.Callback):
 
     def refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule, k: int) -> None:
         """Refresh ``k``: rank 0 searches with the current policy, every rank switches to the result."""
-        started = time.perf_counter()
-        payload = None
-        if trainer.is_global_zero:
-            path = pl_module.refresh_targets(self.refresh_dir(trainer, k), seed=self.seed + k, tag=f"refresh{k}",
-                                             simulations=self.simulations)
-            stats = _refresh_stats(path)
-            stats["refresh/build_seconds"] = time.perf_counter() - started
-            payload = (str(path), stats)
-        # the search takes long: the others wait at a barrier, then receive the small payload
-        trainer.strategy.barrier("lit_reason_mcts_refresh")
-        path, stats = trainer.strategy.broadcast(payload, src=0)
-        if not trainer.is_global_zero:
-            pl_module.use_dataset(path)
+        path, stats = build_on_rank_zero(
+            trainer, pl_module,
+            lambda: pl_module.refresh_targets(self.refresh_dir(trainer, k), seed=self.seed + k, tag=f"refresh{k}",
+                                              simulations=self.simulations),
+            _refresh_stats, prefix="refresh")
         self.refreshes = k
         self.paths[k] = path
         self.history.append((k, trainer.global_step, dict(stats)))

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -102,6 +102,31 @@ def resync_data(pl_module: pl.LightningModule, path: str | None, what: str) -> N
     if path is not None and (current is None or Path(current) != Path(path)):
         rank_zero_warn(f"{what} trained on {path}, the module on {current}; switching to {path}")
         pl_module.use_dataset(path)
+
+
+def build_on_rank_zero(trainer: pl.Trainer, pl_module: pl.LightningModule, build: Callable[[], str | Path],
+                       stats: Callable[[str | Path], dict[str, float]], prefix: str) -> tuple[str, dict[str, float]]:
+    """Rank 0 builds a dataset folder, then every rank trains on it.
+
+    ``build()`` runs on rank 0 only; ``stats(path)`` gives its metrics, to which
+    ``<prefix>/build_seconds`` is added. Building takes long, so the other ranks wait at a barrier
+    first and then receive the small ``(path, stats)`` payload by broadcast.
+
+    Returns:
+        ``(path, stats)``, the same on every rank.
+    """
+    started = time.perf_counter()
+    payload = None
+    if trainer.is_global_zero:
+        path = build()
+        metrics = stats(path)
+        metrics[f"{prefix}/build_seconds"] = time.perf_counter() - started
+        payload = (str(path), metrics)
+    trainer.strategy.barrier(f"lit_reason_{prefix}")
+    path, metrics = trainer.strategy.broadcast(payload, src=0)
+    if not trainer.is_global_zero:
+        pl_module.use_dataset(path)
+    return path, metrics
 
 
 class RoundSchedule(pl.Callback):
@@ -167,18 +192,10 @@ class RoundSchedule(pl.Callback):
 
     def advance_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round_index: int) -> None:
         """Builds round ``round_index``'s data on rank 0, switches every rank to it, logs and records it."""
-        started = time.perf_counter()
-        payload = None
-        if trainer.is_global_zero:
-            path = self.build_round(trainer, pl_module, round_index, self.round_dir(trainer, round_index))
-            stats = dataset_stats(path)
-            stats["rounds/build_seconds"] = time.perf_counter() - started
-            payload = (str(path), stats)
-        # the others wait for rank 0's data (collection takes long: barrier first, then the small broadcast)
-        trainer.strategy.barrier("lit_reason_round")
-        path, stats = trainer.strategy.broadcast(payload, src=0)
-        if not trainer.is_global_zero:
-            pl_module.use_dataset(path)
+        path, stats = build_on_rank_zero(
+            trainer, pl_module,
+            lambda: self.build_round(trainer, pl_module, round_index, self.round_dir(trainer, round_index)),
+            dataset_stats, prefix="rounds")
         self.round = round_index
         self.paths[round_index] = path
         metrics = {"rounds/round": float(round_index), **stats}
