@@ -3,8 +3,8 @@
 Value-guided search (OREO's beam search) beats greedy decoding only when the value model ranks
 the *samples of one prompt* correctly: telling prompt difficulty apart is not enough. This
 benchmark measures exactly that, on held-out prompts of a collected dataset (``--data``; collected
-on first use: ``--policy``, default ``embedded:arithmetic``, the first ``--prompts`` training prompts x 8 samples at
-T 0.7, the offline recipes' sampling; the last ``--heldout`` prompts are held out):
+on first use: ``--policy``, default ``embedded:arithmetic``, the first ``--prompts`` training
+prompts x 8 samples at T 0.7, the offline recipes' sampling; the last ``--heldout`` prompts are held out):
 
 * ``best-of-8``: accuracy when each held-out prompt keeps its highest-valued sample
   (:func:`lit_reason.metrics.best_of_k_accuracy`; the value of the state before EOS, as beam
@@ -27,8 +27,8 @@ and references that need no value model: random choice (the mean outcome), the p
 likelihood (summed behaviour log-probs at T 0.7), majority vote over answers, and pass@8 (a
 perfect selector).
 
-Run:  python benchmarks/value_selection.py [--policy embedded:arithmetic] [--prompts 4096] [--heldout 128] [--train outcome process]
-      [--epochs 3 4] [--lr 3e-4 5e-4] [--value runs/bench/oreo_beam/value]
+Run:  python benchmarks/value_selection.py [--policy embedded:arithmetic] [--prompts 4096] [--heldout 128]
+      [--train outcome process] [--epochs 3 4] [--lr 3e-4 5e-4] [--value runs/bench/oreo_beam/value]
 """
 
 from __future__ import annotations
@@ -36,13 +36,14 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 
 from lit_reason.commands.collect import collect
+from lit_reason.data.selection import group_by_prompt
 from lit_reason.data.trajectories import TrajectoryDataset
+from lit_reason.evaluation import majority_answer
 from lit_reason.metrics import best_of_k_accuracy, pairwise_outcome_accuracy
 from lit_reason.models.loading import load_tokenizer
 from lit_reason.models.value import ValueModel
@@ -120,18 +121,15 @@ def model_values(model: ValueModel, pad_token_id: int):
     return fn
 
 
-def majority_vote(rows: list[dict], task) -> float:
-    """Accuracy of the most frequent answer (ties: the first seen), per prompt."""
-    by_prompt = defaultdict(list)
-    for r in rows:
-        by_prompt[r["prompt_index"]].append(r)
+def majority_vote(groups: list[list[dict]], task) -> float:
+    """Accuracy of each prompt's most frequent answer (:func:`lit_reason.evaluation.majority_answer`)."""
     correct = 0.0
-    for group in by_prompt.values():
+    for group in groups:
         answers = [task.extract_answer(r["response"]) for r in group]
-        top = Counter(a for a in answers if a is not None).most_common(1)
-        if top:
-            correct += next(r["reward"] for r, a in zip(group, answers) if a == top[0][0])
-    return correct / len(by_prompt)
+        top = majority_answer(answers)
+        if top is not None:
+            correct += next(r["reward"] for r, a in zip(group, answers) if a == top)
+    return correct / len(groups)
 
 
 def main() -> None:
@@ -156,8 +154,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.policy)
     data = Path(args.data or f"runs/data/arithmetic-t0.7-k8-{args.prompts}")
     collect(args.policy, task, data, samples=8, limit=args.prompts, temperature=0.7, seed=args.seed)
-    dataset = TrajectoryDataset(data)
-    dataset.check_compatible(tokenizer, task)
+    dataset = TrajectoryDataset(data)  # collect() refused a folder holding another policy, task or tokenizer
     examples = task.examples(dataset.meta.get("split", "train"))
     for r in dataset.rows:
         r["process"] = task.step_correctness(examples[r["prompt_index"]], step_texts(r, tokenizer))
@@ -165,20 +162,18 @@ def main() -> None:
     train = [r for r in dataset.rows if r["prompt_index"] < cut]
     heldout = [r for r in dataset.rows if r["prompt_index"] >= cut]
     pad = tokenizer.pad_token_id
-    k = Counter(r["prompt_index"] for r in heldout)
+    groups = list(group_by_prompt(heldout).values())
+    sizes = [len(g) for g in groups]
 
     table = []
-    by_prompt = defaultdict(list)
-    for r in heldout:
-        by_prompt[r["prompt_index"]].append(r)
     table.append(("random sample (mean outcome)", sum(r["reward"] for r in heldout) / len(heldout), "", "", ""))
     lik = torch.tensor([sum(r["behaviour_logprobs"]) for r in heldout])
     table.append(("policy likelihood (sum log-prob)",
                   best_of_k_accuracy(lik, [float(r["reward"] > 0.5) for r in heldout],
                                      [r["prompt_index"] for r in heldout])[0], "", "", ""))
-    table.append(("majority vote", majority_vote(heldout, task), "", "", ""))
+    table.append(("majority vote", majority_vote(groups, task), "", "", ""))
     table.append(("pass@8 (perfect selector)",
-                  sum(any(r["reward"] > 0.5 for r in g) for g in by_prompt.values()) / len(by_prompt), "", "", ""))
+                  sum(any(r["reward"] > 0.5 for r in g) for g in groups) / len(groups), "", "", ""))
     for targets, epochs, lr in zip(args.train, args.epochs, args.lr):
         start = time.perf_counter()
         model = train_value_model(args.policy, train, targets, epochs, lr, args.batch_size, args.seed, pad)
@@ -190,7 +185,7 @@ def main() -> None:
         s = score(model_values(ValueModel.load(folder).eval(), pad), heldout)
         table.append((f"saved value model {folder}", s["best-of-8"], s["pairs (outcome)"], s["pairs (steps)"], ""))
 
-    print(f"\n{len(by_prompt)} held-out prompts x {min(k.values())}-{max(k.values())} samples; "
+    print(f"\n{len(groups)} held-out prompts x {min(sizes)}-{max(sizes)} samples; "
           f"{len(train)} training rows from {cut} prompts ({data})\n")
     print("| scorer | best-of-8 accuracy | pairs (outcome) | pairs (steps) | train s |")
     print("| --- | --- | --- | --- | --- |")

@@ -337,8 +337,7 @@ def best_of_k_accuracy(values: Any, outcomes: Any, group_ids: Any) -> tuple[floa
     if v.numel() == 0:
         return float("nan"), 0
     # sort by (group, -value, input order): the first row of each group is its pick
-    order = torch.arange(v.numel())
-    order = order[torch.sort(-v[order], stable=True).indices]
+    order = torch.sort(-v, stable=True).indices
     order = order[torch.sort(gid[order], stable=True).indices]
     first = torch.ones(order.numel(), dtype=torch.bool)
     first[1:] = gid[order][1:] != gid[order][:-1]
