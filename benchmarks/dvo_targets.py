@@ -1,4 +1,4 @@
-"""DVO's target sources compared on the embedded task (METHODS section 4, Decision 6).
+"""DVO's target sources compared on the embedded task (docs/dvo.md).
 
 For each source (``mcts``: Q along the search's paths; ``value_model``: an outcome value model
 trained by MSE on outcomes; ``mc``: plain Monte Carlo estimates), the start policy

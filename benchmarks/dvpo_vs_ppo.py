@@ -1,6 +1,6 @@
 """DVPO (frozen pretrained GVM) vs PPO (learned critic) on the embedded task: memory, time, accuracy.
 
-The DVPO paper's efficiency claims (METHODS sec. 5, v1 Table 3: -23..-34% GPU memory, -31..-43%
+The DVPO paper's efficiency claims (arXiv 2502.16944 v1, Table 3; docs/dvpo.md: -23..-34% GPU memory, -31..-43%
 s/step, -25..-35% steps to converge) measured here on the same task, budget and batch: each
 (method, seed) runs its recipe unchanged through the CLI (``recipes/dvpo.yaml``: 128 prompts x 1
 sample; ``recipes/ppo.yaml``: 32 prompts x 4 samples; both 128 sequences and 4 optimiser steps per

@@ -20,7 +20,7 @@ AdamW betas 0.9/0.95, gradient clip 1) on the other prompts' rows with
 * ``outcome``: MSE of every response state's value onto the sample's 0/1 outcome (the Monte Carlo
   target; OREO's critic target while the policy equals the reference);
 * ``process``: MSE of each step-end state's value onto its exact process label, an oracle no
-  method of METHODS has (an upper bound on what the architecture learns from this much data);
+  method in docs/ has (an upper bound on what the architecture learns from this much data);
 
 any saved value model (``--value DIR``, e.g. one exported by ``callbacks/export_value_model.yaml``),
 and references that need no value model: random choice (the mean outcome), the policy's own
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from lit_reason.commands.collect import collect
+from lit_reason.data.collect import collect
 from lit_reason.data.selection import group_by_prompt
 from lit_reason.data.trajectories import TrajectoryDataset
 from lit_reason.evaluation import majority_answer

@@ -13,6 +13,12 @@ from lit_reason.rollout.trajectories import encode_prompts
 from lit_reason.search import value_guided_beam_search, value_model_fn
 
 
+def _bind_tokenizer(task, tokenizer) -> None:
+    """Chat-format tasks render prompts with the policy's chat template (no-op for plain ones)."""
+    if hasattr(task, "use_tokenizer"):
+        task.use_tokenizer(tokenizer)
+
+
 def majority_answer(answers: Sequence[str | None]) -> str | None:
     """The most frequent extracted answer (ties: the earliest sample's), ignoring None."""
     valid = [a for a in answers if a is not None]
@@ -60,6 +66,7 @@ def evaluate_policy(
         raise ValueError("no examples to evaluate")
     engine = RolloutEngine(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            batch_size=batch_size, seed=seed, progress=progress)
+    _bind_tokenizer(task, tokenizer)
     prompts = [task.prompt(e) for e in examples]
     prompt_ids = encode_prompts(tokenizer, prompts)
     records = _greedy_records(engine, tokenizer, task, examples, prompts, prompt_ids)
@@ -208,7 +215,7 @@ def grade_search_results(task, examples: Sequence[dict], prompts: Sequence[str],
     """One record per example for search results (:class:`~lit_reason.search.BeamSearchResult`).
 
     A result without a finished response (``finish="length"``, the search's fallback) counts as
-    wrong whatever its text says (METHODS decision 1).
+    wrong whatever its text says (docs/index.md, rewards).
     """
     records = []
     for e, prompt, res in zip(examples, prompts, results):
@@ -275,6 +282,7 @@ def evaluate_beam_search(
     if engine is None:
         engine = RolloutEngine(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_p=top_p, batch_size=batch_size, seed=seed, progress=progress)
+    _bind_tokenizer(task, tokenizer)
     prompts = [task.prompt(e) for e in examples]
     prompt_ids = encode_prompts(tokenizer, prompts)
     results = value_guided_beam_search(engine, value_fn, prompt_ids, beam_size, splitter=splitter,

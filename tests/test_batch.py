@@ -236,6 +236,41 @@ def test_load_rejects_truncated_and_foreign_files(sampled, tmp_path):
         TrajectoryBatch.load(incomplete)
 
 
+def test_extras_follow_select_concat_and_disk(sampled, tmp_path):
+    a, b = sampled[0].select([0, 1]), sampled[0].select([2, 3, 4])
+    b = TrajectoryBatch.concat([b], pad_token_id=0)  # same rows, own tensors
+    for batch, width in ((a, 2), (b, 3)):  # per-step extras of different widths, one per-row extra
+        batch.extras = {"per_step": torch.arange(len(batch) * width, dtype=torch.float).view(len(batch), width) + 1,
+                        "per_row": torch.arange(len(batch))}
+    sub = b.select([2, 0])
+    assert torch.equal(sub.extras["per_step"], b.extras["per_step"][[2, 0]])
+    assert torch.equal(sub.extras["per_row"], torch.tensor([2, 0]))
+    joined = TrajectoryBatch.concat([a, b], pad_token_id=0)
+    # a's rows are right-padded with 0 from width 2 to 3: [1, 2, 0], [3, 4, 0]
+    assert joined.extras["per_step"][:2].tolist() == [[1.0, 2.0, 0.0], [3.0, 4.0, 0.0]]
+    assert torch.equal(joined.extras["per_step"][2:], b.extras["per_step"])
+    assert joined.extras["per_row"].tolist() == [0, 1, 0, 1, 2]
+    path = tmp_path / "extras.pt"
+    joined.save(path)
+    assert torch.equal(TrajectoryBatch.load(path).extras["per_step"], joined.extras["per_step"])
+    a.extras = {}
+    with pytest.raises(ValueError, match="extras differ"):
+        TrajectoryBatch.concat([a, b], pad_token_id=0)
+
+
+class _NotATensor:
+    pass
+
+
+def test_load_never_unpickles_arbitrary_objects(sampled, tmp_path):
+    state = sampled[0].state_dict()
+    state["examples"] = [_NotATensor()]  # loading it would run this module's code: refused
+    path = tmp_path / "objects.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="objects.pt"):
+        TrajectoryBatch.load(path)
+
+
 def test_select(sampled):
     batch = sampled[0]
     sub = batch.select([3, 0])

@@ -1,4 +1,4 @@
-"""Value-guided step beam search (OREO's test-time search, METHODS section 2) and ``evaluate --search beam``.
+"""Value-guided step beam search (OREO's test-time search, docs/oreo.md) and ``evaluate --search beam``.
 
 Most tests drive the search with :class:`ScriptedEngine`, a stand-in for ``RolloutEngine`` whose
 continuations are written by hand, and a value table keyed by response text, so every candidate,

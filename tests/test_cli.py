@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -200,3 +201,88 @@ def test_evaluate_gsm8k_real_data(fit_run, data_dir, tmp_path):
     for rec, row in zip(result["records"], rows):
         assert row["question"] in rec["prompt"]
         assert rec["reference"] == row["answer"].split("####")[-1].strip()
+
+
+# ---------------------------------------------------------------- one-line config errors (issue #14)
+def _truncated_checkpoint(folder: Path) -> Path:
+    import torch
+
+    path = folder / "cut.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(4096)}}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+BAD_INPUTS = [
+    (["--model.init_args.batch_size", "-4"], "model.init_args.batch_size must be an integer >= 1, got -4"),
+    (["--model.init_args.task", "arithmetik"], "unknown task 'arithmetik'; known tasks: arithmetic, gsm8k, math"),
+    (["--model.init_args.task.name", "arithmetik"], "--model.init_args.task '{name: arithmetik}'"),
+    (["--model.init_args.policy", "runs/no/such/policy"], "policy folder runs/no/such/policy does not exist"),
+    (["--trainer.max_steps", "-5"], "trainer.max_steps must be -1 (no limit) or an integer >= 0"),
+    (["--ckpt_path", "CUT"], "is truncated or not a torch checkpoint"),
+    (["--ckpt_path", "MISSING"], "does not exist"),
+    (["--ckpt_path", "last"], "ckpt_path=last: no checkpoint at"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_fails_in_one_line_before_any_model_is_built(tmp_path, monkeypatch, capsys, args, message):
+    import torch
+
+    from lit_reason.cli import main
+
+    built = []
+    init = torch.nn.Module.__init__
+
+    def record(self, *a, **kw):  # every model (the LightningModule included) is an nn.Module
+        built.append(type(self).__name__)
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", record)
+    monkeypatch.setattr(sys, "argv", ["lit_reason"])  # LightningCLI reads sys.argv when args are given too
+    # in-process, Lightning's log handler may still hold an earlier test's closed capture stream
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    args = [{"CUT": str(_truncated_checkpoint(tmp_path)), "MISSING": str(tmp_path / "none.ckpt")}.get(a, a)
+            for a in args]
+    recipe = write_recipe(tmp_path, tmp_path / "root")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(recipe), *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err[-5:]
+    assert not [line for line in err if line.startswith("Traceback")], "\n".join(err)
+    assert built == [], f"built before failing: {built}"
+    if "truncated" in message:
+        assert "cut.ckpt" in err[-1]  # the file is named
+
+
+def test_two_concurrent_fits_into_one_root_get_their_own_folders(tmp_path):
+    root = tmp_path / "root"
+    recipe = write_recipe(tmp_path, root)
+    env = {**os.environ, "LIT_REASON_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline",
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "lit_reason", "fit", "--config", str(recipe),
+                               "--seed_everything", str(seed)], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    versions = sorted(p.name for p in (root / "csv").iterdir())
+    assert versions == ["version_0", "version_1"]
+    seeds, pids = set(), set()
+    for v in versions:
+        folder = root / "csv" / v
+        seeds.add(yaml_load(folder / "config.yaml")["seed_everything"])
+        pids.add(json.loads((folder / "run.json").read_text())["pid"])
+        with (folder / "metrics.csv").open() as f:
+            assert any(r.get("train/loss") for r in csv.DictReader(f))
+    assert seeds == {0, 1} and pids == {p.pid for p in procs}
+    # each closing line names its own folder
+    lines = [next(l for l in out.splitlines() if l.startswith("lit_reason: fit done")) for out, _ in outs]
+    assert {line.split("run folder ")[1].split(";")[0] for line in lines} == {str(root / "csv" / v) for v in versions}
+
+
+def yaml_load(path: Path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_reason.commands.collect import collect, dataset_summary
+from lit_reason.data.collect import collect, dataset_summary
 from lit_reason.data.trajectories import (
     ROW_FIELDS,
     TrajectoryDataset,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lit_reason.callbacks.mcts_refresh import MCTSTargetRefresh
 from lit_reason.callbacks.rounds import IterativeRounds
-from lit_reason.commands.collect import collect
+from lit_reason.data.collect import collect
 from lit_reason.data.trajectories import TrajectoryDataset, read_meta
 from lit_reason.data.dvo_targets import build_target_dataset, check_target_settings
 from lit_reason.methods.dvo import DVO
@@ -220,7 +220,7 @@ def test_refresh_settings_are_checked():
         MCTSTargetRefresh(every_n_epochs=0)
     with pytest.raises(ValueError, match="simulations"):
         MCTSTargetRefresh(simulations=0)
-    assert check_target_settings("mcts", None)["simulations"] == 80  # METHODS' budget by default
+    assert check_target_settings("mcts", None)["simulations"] == 80  # the paper's budget by default (docs/dvo.md)
 
 
 # ------------------------------------------------------------------------------- the refresh

@@ -261,4 +261,6 @@ def test_stage1_is_built_on_first_use_then_reused(tmp_path, monkeypatch, tiny_po
     assert ensure_gvm(tiny_policy_dir, TASK, recipe) == path  # reused, not retrained
     assert (path / "value_head.pt").stat().st_mtime_ns == stamp
     module = stage2(tiny_policy_dir, None, gvm_recipe=str(recipe))  # gvm: null finds the cached GVM
+    assert module.gvm is None  # nothing is built or loaded in the constructor ...
+    module.setup("fit")  # ... but at fit time
     assert module.gvm_path == str(path) and module.hparams.gvm == str(path)

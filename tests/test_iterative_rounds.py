@@ -137,7 +137,7 @@ def test_epochs_must_match_rounds(tiny_policy_dir, tmp_path):
 
 def test_module_without_recollect_is_named(tmp_path):
     trainer = make_trainer(tmp_path, [IterativeRounds(rounds=2)], max_epochs=2, logger=False)
-    with pytest.raises(TypeError, match="BoringModel does not"):
+    with pytest.raises(TypeError, match="BoringModel has no `use_dataset`, `recollect`"):
         trainer.fit(BoringModel())
 
 

@@ -1,4 +1,4 @@
-"""DPO and DPO-Positive (METHODS.md "Baselines" rows DPO / DPO-Positive; Decision 8)."""
+"""DPO and DPO-Positive (docs/baselines.md rows DPO / DPO-Positive; docs/baselines.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DQO reconstruction (METHODS.md section 3, Decision 5): lambda-returns by hand, a naive loop
+"""DQO reconstruction (docs/dqo.md): lambda-returns by hand, a naive loop
 reference, the stop-gradient switch, and the required identity with OREO's token-level loss."""
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def test_gradients_by_hand_both_switches():
 
 
 def naive_dqo(logp, ref, values, rewards, mask, beta, lam, stop_grad_future, weights=None, reduction="mean"):
-    """Loop over sequences and valid tokens with the recursion as written in METHODS section 3."""
+    """Loop over sequences and valid tokens with the recursion as written in docs/dqo.md."""
     B, L = mask.shape
     v_total, p_total = 0.0, 0.0
     for b in range(B):
@@ -207,7 +207,7 @@ def test_stop_grad_future_gradient_only_from_own_residual(seed):
     assert not torch.allclose(g_nsg, g_logp)
 
 
-# ----------------------------------------------------------------------------- identity with OREO (Decision 5)
+# ----------------------------------------------------------------------------- identity with OREO (docs/dqo.md)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])

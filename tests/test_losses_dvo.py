@@ -1,4 +1,4 @@
-"""DVO step log-ratios, loss and targets (METHODS.md section 4; Decision 6)."""
+"""DVO step log-ratios, loss and targets (docs/dvo.md)."""
 
 from __future__ import annotations
 

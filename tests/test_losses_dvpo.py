@@ -1,4 +1,4 @@
-"""DVPO GVM targets and loss, and the stage-2 advantages (METHODS.md section 5; Decision 7)."""
+"""DVPO GVM targets and loss, and the stage-2 advantages (docs/dvpo.md)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def ragged_mask(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def naive_td_lambda(values, rewards, mask, gamma, lam):
-    """Reference straight from the METHODS code block, as explicit sums (no recursion):
+    """Reference straight from the stage-1 targets of docs/dvpo.md, as explicit sums (no recursion):
     A_t = sum_l (gamma*lam)^l (r_{t+l} + gamma V(t+l+1) - V(t+l)), V after the end = 0; G = A + V."""
     out = torch.zeros(values.shape, dtype=torch.float64)
     for b in range(values.shape[0]):

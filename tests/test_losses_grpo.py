@@ -1,4 +1,4 @@
-"""GRPO and RLOO sequence advantages (METHODS.md "Baselines" table rows GRPO, RLOO)."""
+"""GRPO and RLOO sequence advantages (docs/baselines.md rows GRPO, RLOO)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OREO losses (METHODS.md section 2, "Objective" and "Variants"): hand-computed numbers, naive
+"""OREO losses (docs/oreo.md and "Variants"): hand-computed numbers, naive
 loop references on ragged masks, stop-gradient checks and input validation."""
 
 from __future__ import annotations
@@ -229,9 +229,22 @@ def step_inputs():
     return logp, ref, step_values, rewards, step_ids, num_steps, mask
 
 
+def test_step_log_ratios_is_strict_only_with_a_mask():
+    # one implementation (losses/common.py) for OREO's step level and DVO: token 2 sits in step 1,
+    # past num_steps = 1. Without a mask it is dropped (DVO's truncated steps): L_0 = -1 + -2 = -3;
+    # with a mask that marks it valid, it is an error (OREO: every valid token belongs to a step)
+    logp, ref = torch.tensor([[-1.0, -2.0, -4.0]]), torch.zeros(1, 3)
+    step_ids, num_steps = torch.tensor([[0, 0, 1]]), torch.tensor([1])
+    torch.testing.assert_close(step_log_ratios(logp, ref, step_ids, num_steps, 2), torch.tensor([[-3.0, 0.0]]))
+    with pytest.raises(ValueError, match="rows \\[0\\]"):
+        step_log_ratios(logp, ref, step_ids, num_steps, 2, mask=torch.ones(1, 3))
+    masked = step_log_ratios(logp, ref, step_ids, num_steps, 2, mask=torch.tensor([[1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(masked, torch.tensor([[-1.0, 0.0]]))  # token 1 masked out
+
+
 def test_step_log_ratios_and_start_values_by_hand():
     logp, ref, _, _, step_ids, num_steps, mask = step_inputs()
-    got = step_log_ratios(logp, ref, step_ids, num_steps, mask)
+    got = step_log_ratios(logp, ref, step_ids, num_steps, mask=mask)
     torch.testing.assert_close(got, torch.tensor([[-0.5, 0.5], [0.2, -0.2]]))
     values = torch.tensor([[0.2, 0.4, 0.6], [0.1, -0.3, 99.0]])
     # step_ends row 0 = [1, 2] -> starts [0, 2] ; row 1 = [0, 1] -> starts [0, 1]

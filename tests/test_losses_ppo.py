@@ -1,4 +1,4 @@
-"""PPO losses (METHODS.md section 1 "Whitening and loss" / "PPO baseline") and masked reductions."""
+"""PPO losses (docs/vineppo.md / "PPO baseline") and masked reductions."""
 
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def test_ppo_skip_with_overflowing_ratio_gives_finite_zero_grad():
 
 
 def _naive_ppo(logp, old, adv, mask, ref, eps, kl_coef, kl_clip_max):
-    """Python-loop reference of METHODS section 1 on float64 tensors (keeps the graph)."""
+    """Python-loop reference of docs/vineppo.md on float64 tensors (keeps the graph)."""
     batch, length = logp.shape
     pg_terms, n = [], 0
     kl_rows = []

@@ -1,4 +1,4 @@
-"""SFT loss (METHODS.md "Baselines" table row SFT; token-mean normalisation is the library's)."""
+"""SFT loss (docs/baselines.md row SFT; token-mean normalisation is the library's)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""VinePPO advantages (METHODS.md section 1), global whitening and step broadcasting."""
+"""VinePPO advantages (docs/vineppo.md), global whitening and step broadcasting."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_reason.commands.collect import collect
+from lit_reason.data.collect import collect
 from lit_reason.methods import DPO, RFT
 from lit_reason.methods.offline import OfflineRL, pack_states
 from lit_reason.models.logprobs import response_logprobs

@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lit_reason.commands.collect import collect
+from lit_reason.data.collect import collect
 from lit_reason.data.trajectories import TrajectoryDataset
 from lit_reason.losses.dqo import dqo_policy_loss, dqo_value_loss
 from lit_reason.losses.oreo import oreo_importance_weights, oreo_policy_loss, oreo_value_loss

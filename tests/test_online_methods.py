@@ -27,10 +27,39 @@ def fit(module, steps: int = 2) -> pl.Trainer:
     return trainer
 
 
-@pytest.mark.parametrize("cls,extra", [(VinePPO, {"mc_rollouts": 2}), (PPO, {}), (GRPO, {}), (RLOO, {})])
-def test_each_method_trains_and_keeps_reference_frozen(cls, extra, tiny_policy_dir):
+def online_recipe_classes() -> list[type]:
+    """The OnlineRL classes the recipes use (from their class_path), so a new method is picked up."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    from lit_reason.methods.dvpo import DVPO
+    from lit_reason.methods.online import OnlineRL
+
+    found = set()
+    for recipe in sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")):
+        config = yaml.safe_load(recipe.read_text())
+        if "model" not in config:  # a fragment (recipes/fsdp.yaml), not a recipe
+            continue
+        module, _, name = config["model"]["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        if issubclass(cls, OnlineRL) and cls is not DVPO:  # DVPO needs a GVM folder: tests/test_dvpo_methods.py
+            found.add(cls)
+    return sorted(found, key=lambda c: c.__name__)
+
+
+SMALL_ARGS = {VinePPO: {"mc_rollouts": 2}}  # per-class settings that keep the run small
+
+
+def test_online_recipes_are_found():
+    assert {VinePPO, PPO, GRPO, RLOO} <= set(online_recipe_classes())
+
+
+@pytest.mark.parametrize("cls", online_recipe_classes(), ids=lambda c: c.__name__)
+def test_each_method_trains_and_keeps_reference_frozen(cls, tiny_policy_dir):
     torch.manual_seed(0)
-    module = cls(**small(tiny_policy_dir, **extra))
+    module = cls(**small(tiny_policy_dir, **SMALL_ARGS.get(cls, {})))
     handle = force_eos(module)
     examples = module.task.examples("train")[:2]
     traj = module.collect(examples)
@@ -119,6 +148,43 @@ def test_lora_reference_is_the_base_with_adapter_disabled(tiny_policy_dir):
     torch.testing.assert_close(ref, base)
     adapted = response_logprobs(module.policy, traj.input_ids, traj.attention_mask, traj.prompt_len)
     assert not torch.allclose(adapted, ref)  # random (non-zero) LoRA init changes the policy
+
+
+def test_eval_train_seconds_exclude_evaluation_time(tmp_path, tiny_policy_dir):
+    import csv
+    import time
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lit_reason.callbacks import EvalAccuracy
+
+    class TimedEval(EvalAccuracy):
+        def evaluate(self, trainer, pl_module):
+            started = time.perf_counter()
+            acc = super().evaluate(trainer, pl_module)
+            self.durations.append(time.perf_counter() - started)
+            return acc
+
+    evaluator = TimedEval(limit=4, every_n_steps=1, max_new_tokens=12)
+    evaluator.durations = []
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=CSVLogger(tmp_path, name="csv"),
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[evaluator])
+    module = GRPO(**small(tiny_policy_dir))
+    force_eos(module)  # responses finish, so the first iteration already makes its 2 optimiser steps
+    fit_started = time.perf_counter()
+    trainer.fit(module)
+    fit_seconds = time.perf_counter() - fit_started
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        seconds = [float(r["eval/train_seconds"]) for r in csv.DictReader(f) if r.get("eval/train_seconds")]
+    # one iteration = 2 optimiser steps (2 epochs x 1 minibatch): evaluated at steps 0 and 2
+    assert [step for step, _ in evaluator.history] == [0, 2]
+    assert len(seconds) == len(evaluator.durations) == 2
+    # before any training step no training time has passed (it used to report the evaluation's own time)
+    assert seconds[0] < 0.1 * evaluator.durations[0]
+    assert seconds == sorted(seconds)
+    # at the end: at most the fit's wall-clock minus every evaluation
+    assert seconds[-1] <= fit_seconds - sum(evaluator.durations) + 1e-3
 
 
 def test_group_advantages_whiten_only_when_asked(tiny_policy_dir):

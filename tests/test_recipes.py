@@ -14,13 +14,38 @@ from pathlib import Path
 
 import pytest
 
+from lit_reason.contracts import HasStateValues, satisfies
+from lit_reason.methods.offline import OfflineRL
+from lit_reason.methods.online import OnlineRL
+from lit_reason.methods.oreo import ValueOfflineRL
+
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
-ONLINE = {"vineppo.yaml", "ppo.yaml", "grpo.yaml", "rloo.yaml", "dvpo.yaml"}
-OFFLINE = {"rft.yaml", "dpo.yaml", "oreo.yaml", "dqo.yaml", "dvo.yaml", "dvpo_gvm.yaml"}
-TWO_OPTIMISERS = {"oreo.yaml", "dqo.yaml"}  # trainer.max_steps counts both optimisers' steps
-CALIBRATED = {"vineppo.yaml", "ppo.yaml", "grpo.yaml", "rloo.yaml", "oreo.yaml", "dqo.yaml", "dvo.yaml", "dvpo.yaml",
-              "dvpo_gvm.yaml"}
+
+
+def load_recipe(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "recipes" / name).read_text())
+
+
+# a recipe names its model; a file without one (recipes/fsdp.yaml) is a fragment appended to recipes
+RECIPES = sorted(p.name for p in (REPO / "recipes").glob("*.yaml") if "model" in load_recipe(p.name))
+
+
+def recipe_class(name: str) -> type:
+    """The LightningModule class a recipe's ``model.class_path`` names."""
+    import importlib
+
+    module, _, cls = load_recipe(name)["model"]["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), cls)
+
+
+# the groups below follow from each recipe's class, so a new recipe needs no list edits here
+ONLINE = {n for n in RECIPES if issubclass(recipe_class(n), OnlineRL)}
+OFFLINE = {n for n in RECIPES if issubclass(recipe_class(n), OfflineRL)}
+TWO_OPTIMISERS = {n for n in RECIPES if issubclass(recipe_class(n), ValueOfflineRL)}  # max_steps counts both
+CALIBRATED = {n for n in RECIPES  # its module's HasStateValues contract: test_recipe_modules_keep_...
+              if any(c["class_path"].endswith(".ValueCalibration") for c in load_recipe(n)["trainer"]["callbacks"])}
 NO_POLICY_TRAINING = {"dvpo_gvm.yaml"}  # stage 1 of DVPO trains the value model only
 
 # brief: 2 optimiser steps on small iterations; everything else is the recipe as written
@@ -72,6 +97,25 @@ def read_metrics(root: Path) -> list[dict]:
 
 def test_every_recipe_is_covered():
     assert set(RECIPES) == set(BRIEF), f"recipes without a brief run: {set(RECIPES) ^ set(BRIEF)}"
+    assert {"vineppo.yaml", "ppo.yaml", "grpo.yaml", "rloo.yaml", "dvpo.yaml"} <= ONLINE
+    assert {"rft.yaml", "dpo.yaml", "oreo.yaml", "dqo.yaml", "dvo.yaml"} <= OFFLINE and not ONLINE & OFFLINE
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_modules_keep_their_callbacks_contracts(name):
+    """Each callback a recipe lists checks its contract on the recipe's module class (no model built)."""
+    import importlib
+
+    from lit_reason.contracts import missing
+
+    cls = recipe_class(name)
+    for spec in load_recipe(name)["trainer"].get("callbacks") or []:
+        module, _, cb_name = spec["class_path"].rpartition(".")
+        callback = getattr(importlib.import_module(module), cb_name)(**(spec.get("init_args") or {}))
+        lacking = missing(cls, getattr(callback, "contract", object))
+        assert not lacking, f"{name}: {cls.__name__} lacks {lacking}, which {cb_name} needs"
+    if name in CALIBRATED:
+        assert satisfies(cls, HasStateValues)
 
 
 def test_recipes_open_with_the_documented_header():
@@ -79,6 +123,19 @@ def test_recipes_open_with_the_documented_header():
         text = (REPO / "recipes" / name).read_text()
         assert text.startswith("#"), name
         assert f"python -m lit_reason fit --config recipes/{name}" in text, f"{name}: no exact command line"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["grpo.yaml", "rloo.yaml"])
+def test_group_recipes_resolve_to_unwhitened_advantages(name, tmp_path):
+    # the CLI passes every resolved default explicitly: a default set only inside __init__ (a
+    # kwargs.setdefault) lost to OnlineRL's whiten_advantages=True, contrary to the docstring
+    import yaml
+
+    proc = run_cli(["fit", "--config", f"recipes/{name}", "--trainer.default_root_dir", str(tmp_path / "run"),
+                    "--print_config"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert yaml.safe_load(proc.stdout)["model"]["init_args"]["whiten_advantages"] is False
 
 
 @pytest.mark.slow

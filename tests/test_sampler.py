@@ -246,3 +246,82 @@ def test_bad_engine_arguments(model, tiny_tokenizer, kwargs, name):
 def test_generation_finished_flag():
     assert Generation([1], "eos").finished and Generation([1], "stop").finished
     assert not Generation([1], "length").finished
+
+
+def test_prefill_computes_last_logits_only_and_samples_as_the_full_logits(model, tiny_tokenizer, prompt_ids, monkeypatch):
+    import lit_reason.rollout.sampler as sampler
+
+    def run():
+        shapes = []
+        hook = model.lm_head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+        try:
+            gens = RolloutEngine(model, tiny_tokenizer, max_new_tokens=8, temperature=1.0, seed=4).sample(prompt_ids, 2)
+        finally:
+            hook.remove()
+        return [(g.ids, g.finish) for g in gens], shapes
+
+    last_only, shapes = run()
+    width, vocab = max(len(p) for p in prompt_ids), model.config.vocab_size
+    assert shapes[0] == (3, 1, vocab)  # the prefill: one position per prompt, not `width`
+    monkeypatch.setattr(sampler, "_last_logits_kwargs", lambda model: {})
+    full, full_shapes = run()
+    assert full_shapes[0] == (3, width, vocab)
+    assert full == last_only
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_dropping_finished_rows_changes_no_token(model, tiny_tokenizer, prompt_ids, temperature):
+    eos = tiny_tokenizer.eos_token_id
+
+    def run(drop):
+        shapes = []
+        engine = RolloutEngine(model, tiny_tokenizer, max_new_tokens=8, temperature=temperature, seed=2,
+                               drop_finished=drop)
+        # rows 0 and 1 of the 3 prompts x 2 samples end at their second token: 2 of 6 finished
+        force = model.lm_head.register_forward_hook(ForceTokenAt(eos, call=1, rows=[0, 1]))
+        record = model.register_forward_pre_hook(lambda m, a, kw: shapes.append(kw["input_ids"].shape[0]),
+                                                 with_kwargs=True)
+        try:
+            gens = engine.sample(prompt_ids, 2)
+        finally:
+            force.remove()
+            record.remove()
+        return [(g.ids, g.finish) for g in gens], shapes, engine.generated_tokens
+
+    kept, kept_rows, kept_count = run(False)
+    dropped, dropped_rows, dropped_count = run(True)
+    assert [f for _, f in kept[:2]] == ["eos", "eos"] and all(len(ids) == 2 for ids, _ in kept[:2])
+    assert kept_rows == [3] + [6] * 7  # prefill, then every row decodes (finished ones padded)
+    assert dropped_rows == [3, 6] + [4] * 6  # the two finished rows leave after the step that ended them
+    assert dropped == kept  # the same tokens, greedy and sampled (each row keeps its random draws)
+    assert dropped_count == kept_count == 2 * 2 + 4 * 8
+
+
+class CountingTokenizer:
+    """The tiny tokenizer, counting ``decode`` calls."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def decode(self, ids, **kwargs):
+        self.decoded += 1
+        return self.tokenizer.decode(ids, **kwargs)
+
+
+def test_stop_strings_decode_only_live_rows_and_nothing_without_stop_strings(model, tiny_tokenizer, prompt_ids):
+    eos = tiny_tokenizer.eos_token_id
+    tok = CountingTokenizer(tiny_tokenizer)
+    engine = RolloutEngine(model, tok, max_new_tokens=6, temperature=0, drop_finished=False)
+    engine.sample(prompt_ids, 1)
+    assert tok.decoded == 0  # no stop strings: no text is decoded
+    hook = model.lm_head.register_forward_hook(ForceTokenAt(eos, call=1, rows=[0]))
+    try:
+        gens = engine.sample(prompt_ids, 1, stop_strings=["\x00never"])
+    finally:
+        hook.remove()
+    assert gens[0].finish == "eos" and len(gens[0].ids) == 2
+    # step 0 decodes all 3 rows; row 0 ends by EOS at step 1 (not decoded), then 2 rows x 5 steps
+    assert tok.decoded == 3 + 2 * 5

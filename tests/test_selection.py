@@ -1,4 +1,4 @@
-"""OREO balanced selection and DPO pairs (METHODS section 2, "Data collection") on hand-made rows."""
+"""OREO balanced selection and DPO pairs (docs/oreo.md) on hand-made rows."""
 
 from __future__ import annotations
 

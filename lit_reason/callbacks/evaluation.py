@@ -7,7 +7,9 @@ import time
 import lightning.pytorch as pl
 import torch
 
+from lit_reason.contracts import HasPolicy, require
 from lit_reason.evaluation import evaluate_policy
+from lit_reason.parallel.fsdp import gathered
 
 
 def log_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
@@ -38,6 +40,9 @@ class EvalAccuracy(pl.Callback):
         batch_size: Sequences per forward pass.
     """
 
+    #: what the LightningModule must provide (lit_reason.contracts); checked at fit start
+    contract = HasPolicy
+
     def __init__(self, split: str = "validation", limit: int = 200, every_n_steps: int | None = None,
                  max_new_tokens: int = 96, batch_size: int = 128, every_n_epochs: int | None = None) -> None:
         if limit < 1:
@@ -57,26 +62,26 @@ class EvalAccuracy(pl.Callback):
         self._eval_seconds = 0.0
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
-        for attr in ("policy", "tokenizer", "task"):
-            if not hasattr(pl_module, attr):
-                raise AttributeError(f"EvalAccuracy needs the LightningModule to expose `{attr}`; "
-                                     f"{type(pl_module).__name__} does not")
+        require(pl_module, self.contract, "EvalAccuracy")
         started = time.perf_counter()
         examples = pl_module.task.examples(self.split)[: self.limit]
         shard = examples[trainer.global_rank :: trainer.world_size]
         correct = 0.0
-        if shard:
-            result = evaluate_policy(pl_module.policy, pl_module.tokenizer, pl_module.task, shard,
-                                     max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                                     progress=True)
-            correct = result["accuracy"] * result["n"]
+        # FSDP: every rank gathers the policy once, even one with an empty shard (no per-token collectives)
+        with gathered(pl_module.policy):
+            if shard:
+                result = evaluate_policy(pl_module.policy, pl_module.tokenizer, pl_module.task, shard,
+                                         max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                                         progress=True)
+                correct = result["accuracy"] * result["n"]
         counts = torch.tensor([correct, float(len(shard))], device=pl_module.device)
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         acc = float(counts[0] / counts[1])
         self.history.append((trainer.global_step, acc))
         self._last_step = trainer.global_step
-        # wall-clock since fit start, excluding evaluation itself, for accuracy-vs-time curves
-        elapsed = time.perf_counter() - self._fit_start - self._eval_seconds
+        # wall-clock since fit start up to this evaluation's start, minus earlier evaluations: the
+        # training time of accuracy-vs-time curves (0 at the fit-start evaluation)
+        elapsed = started - self._fit_start - self._eval_seconds
         self._eval_seconds += time.perf_counter() - started
         log_metrics(trainer, {"eval/accuracy": acc, "eval/train_seconds": elapsed})
         return acc
@@ -84,7 +89,14 @@ class EvalAccuracy(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()
         self._eval_seconds = 0.0
-        self.evaluate(trainer, pl_module)
+        if trainer.ckpt_path is None:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a resumed fit: Lightning restores the step only after on_fit_start, so evaluate here, and
+        # not at all when the checkpoint's step was already evaluated
+        if trainer.ckpt_path is not None and trainer.global_step != self._last_step:
+            self.evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -111,3 +123,4 @@ class EvalAccuracy(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
+        self._last_step = self.history[-1][0] if self.history else -1

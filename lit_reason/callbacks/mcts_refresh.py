@@ -1,7 +1,7 @@
 """DVO's target refresh: re-run the search with the current policy, then train on the new targets.
 
-DVO's iterative variant re-runs MCTS with the improved policy each round (METHODS section 4,
-"Training recipe: Iterative"; Decision 6). :class:`MCTSTargetRefresh` does it every
+DVO's iterative variant re-runs MCTS with the improved policy each round (docs/dvo.md,
+"Targets"). :class:`MCTSTargetRefresh` does it every
 ``every_n_epochs`` epochs: at the end of epoch ``k * every_n_epochs`` (k = 1, 2, ...), unless the
 run ends there, global rank 0 calls ``pl_module.refresh_targets(<output_dir>/refresh{k},
 seed=seed + k, tag="refresh{k}", simulations=simulations)``, which searches the training prompts
@@ -47,6 +47,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_reason.callbacks.evaluation import log_metrics
+from lit_reason.contracts import RefreshesTargets, require
 from lit_reason.callbacks.rounds import (
     RoundSchedule,
     build_on_rank_zero,
@@ -82,6 +83,9 @@ class MCTSTargetRefresh(pl.Callback):
         seed: Refresh k searches with seed ``seed + k``.
     """
 
+    #: what the LightningModule must provide (lit_reason.contracts); checked at fit start
+    contract = RefreshesTargets
+
     def __init__(self, every_n_epochs: int = 1, simulations: int | None = None, output_dir: str | None = None,
                  seed: int = 0) -> None:
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
@@ -103,10 +107,8 @@ class MCTSTargetRefresh(pl.Callback):
         if stage != "fit":
             return
 
-        for attr in ("refresh_targets", "use_dataset"):
-            if not callable(getattr(pl_module, attr, None)):
-                raise TypeError(f"MCTSTargetRefresh needs the LightningModule to implement {attr}(...); "
-                                f"{type(pl_module).__name__} does not (use lit_reason.methods.dvo.DVO)")
+        require(pl_module, self.contract, "MCTSTargetRefresh", hint="use lit_reason.methods.dvo.DVO",
+                error=TypeError)
         schedules = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, RoundSchedule)]
         self.passive = bool(schedules)
         if self.passive:

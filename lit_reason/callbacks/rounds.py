@@ -1,7 +1,7 @@
 """Training in rounds: after each round's epochs, new data from the current policy, then train on.
 
 Offline methods train on a dataset collected by a fixed policy. Their iterative variants (OREO's
-"Iterative OREO: 3 rounds", DVO's rounds, STaR/ReST-EM style RFT; METHODS sections 2 and 4)
+"Iterative OREO: 3 rounds", DVO's rounds, STaR/ReST-EM style RFT; docs/oreo.md, docs/dvo.md)
 re-collect with the improved policy and continue training, from the current weights, on the new
 data. :class:`RoundSchedule` is the reusable part (the round counter, the epoch bookkeeping, the
 data switch on every rank, logging, checkpoint state); :class:`IterativeRounds` fills in *how* a
@@ -32,7 +32,7 @@ calls checkpoint callbacks last), so the checkpoint holds the new round index an
 it trains the next round on that data without re-collecting. A checkpoint written before the switch
 (e.g. at validation end) resumes into the same ``on_train_epoch_end``, which then does the switch.
 A collection interrupted mid-way resumes its complete shards on the next attempt (see
-:func:`lit_reason.commands.collect.collect`); note those shards came from the policy of the
+:func:`lit_reason.data.collect.collect`); note those shards came from the policy of the
 interrupted run, which a resumed run reproduces only as far as training is deterministic.
 
 Writing another round callback (e.g. DVO's ``MCTSTargetRefresh``)
@@ -61,6 +61,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_reason.callbacks.evaluation import log_metrics
+from lit_reason.contracts import Recollects, RoundsCapable, require
+
+_ROUNDS_HINT = "use an OfflineRL method: RFT, DPO, OREO ..."
 
 __all__ = ["IterativeRounds", "RoundSchedule", "dataset_stats"]
 
@@ -115,13 +118,16 @@ def build_on_rank_zero(trainer: pl.Trainer, pl_module: pl.LightningModule, build
     Returns:
         ``(path, stats)``, the same on every rank.
     """
+    from lit_reason.parallel.fsdp import rollout_phase_of
+
     started = time.perf_counter()
     payload = None
-    if trainer.is_global_zero:
-        path = build()
-        metrics = stats(path)
-        metrics[f"{prefix}/build_seconds"] = time.perf_counter() - started
-        payload = (str(path), metrics)
+    with rollout_phase_of(pl_module):  # FSDP: every rank gathers the models, rank 0 alone samples with them
+        if trainer.is_global_zero:
+            path = build()
+            metrics = stats(path)
+            metrics[f"{prefix}/build_seconds"] = time.perf_counter() - started
+            payload = (str(path), metrics)
     trainer.strategy.barrier(f"lit_reason_{prefix}")
     path, metrics = trainer.strategy.broadcast(payload, src=0)
     if not trainer.is_global_zero:
@@ -143,6 +149,9 @@ class RoundSchedule(pl.Callback):
         seed: Round k builds its data with seed ``seed + k``.
     """
 
+    #: what the LightningModule must provide (lit_reason.contracts); checked at fit start
+    contract = RoundsCapable
+
     def __init__(self, rounds: int = 3, epochs_per_round: int = 1, output_dir: str | None = None,
                  seed: int = 0) -> None:
         name = type(self).__name__
@@ -162,7 +171,7 @@ class RoundSchedule(pl.Callback):
 
     def check_module(self, pl_module: pl.LightningModule) -> None:
         """Raises when ``pl_module`` lacks what :meth:`build_round` needs (default: ``use_dataset``)."""
-        self._require(pl_module, "use_dataset", "use_dataset(path) (train on a dataset folder from the next epoch)")
+        require(pl_module, self.contract, type(self).__name__, hint=_ROUNDS_HINT, error=TypeError)
 
     def build_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round_index: int,
                     output: Path) -> Path:
@@ -172,11 +181,6 @@ class RoundSchedule(pl.Callback):
             The dataset folder (other ranks then call ``pl_module.use_dataset`` with it).
         """
         raise NotImplementedError(f"{type(self).__name__} must implement build_round")
-
-    def _require(self, pl_module: pl.LightningModule, attr: str, what: str) -> None:
-        if not callable(getattr(pl_module, attr, None)):
-            raise TypeError(f"{type(self).__name__} needs the LightningModule to implement {what}; "
-                            f"{type(pl_module).__name__} does not (use an OfflineRL method: RFT, DPO, OREO ...)")
 
     # ----------------------------------------------------------------------------- schedule
 
@@ -276,9 +280,8 @@ class IterativeRounds(RoundSchedule):
         seed: Round k samples with seed ``seed + k``.
     """
 
-    def check_module(self, pl_module: pl.LightningModule) -> None:
-        self._require(pl_module, "recollect", "recollect(output, seed, round_index) (collect with the current policy)")
-        super().check_module(pl_module)
+    contract = Recollects
+
 
     def build_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round_index: int,
                     output: Path) -> Path:

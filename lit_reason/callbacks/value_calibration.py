@@ -1,11 +1,11 @@
-"""Step-level value calibration of any method, logged under ``value/`` (DESIGN section 3).
+"""Step-level value calibration of any method, logged under ``value/`` (docs/architecture.md).
 
 Every method in lit_reason predicts the value of a reasoning prefix: a critic, a value head, a
 soft Q, an implicit value ``beta * log pi / pi_ref``, a global value model. :class:`ValueCalibration`
 scores that prediction, on a fixed probe set of step-boundary states, against Monte Carlo
 estimates from fresh rollouts of the current policy and against the outcome of the probe
-trajectory the state came from; it also measures VinePPO's ranking test (METHODS section 1,
-"Value-network analysis"): do the predicted values order sibling next steps like their MC values?
+trajectory the state came from; it also measures VinePPO's ranking test (arXiv
+2410.01679; docs/vineppo.md): do the predicted values order sibling next steps like their MC values?
 
 The protocol
 ------------
@@ -87,10 +87,7 @@ on resume). ``history`` keeps ``(global_step, metrics)`` pairs.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -100,7 +97,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_reason.callbacks.evaluation import log_metrics
+from lit_reason.contracts import HasStateValues, require
+from lit_reason.io import atomic_write_json
 from lit_reason.metrics import CalibrationStats, RankStats, plot_reliability
+from lit_reason.parallel.fsdp import rollout_phase_of
 from lit_reason.rollout.monte_carlo import mc_values, step_states
 from lit_reason.rollout.next_step import sample_next_steps
 from lit_reason.rollout.sampler import RolloutEngine
@@ -110,9 +110,6 @@ from lit_reason.steps import StepSplitter
 __all__ = ["ProbeState", "ValueCalibration"]
 
 _STATE_VERSION = 1
-_REQUIRED_ATTRS = ("policy", "tokenizer", "task")
-
-
 @dataclass
 class ProbeState:
     """One fixed probe state S_k = prompt ++ the first k steps of a sampled probe response.
@@ -145,16 +142,7 @@ def _finite_json(x: Any) -> Any:
 
 def _write_json(path: Path, payload: dict) -> None:
     """Writes ``payload`` atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_finite_json(payload), fh, indent=1)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_json(path, _finite_json(payload), indent=1)
 
 
 class ValueCalibration(pl.Callback):
@@ -178,6 +166,9 @@ class ValueCalibration(pl.Callback):
         n_bins: Reliability bins on [0, 1].
         progress: Show the rollout engine's progress bars.
     """
+
+    #: what the LightningModule must provide (lit_reason.contracts); checked at fit start
+    contract = HasStateValues
 
     def __init__(
         self,
@@ -245,23 +236,13 @@ class ValueCalibration(pl.Callback):
     @staticmethod
     def check_protocol(pl_module: pl.LightningModule) -> None:
         """Raises a clear error when ``pl_module`` does not implement the calibration protocol."""
-        name = type(pl_module).__name__
-        for attr in _REQUIRED_ATTRS:
-            if getattr(pl_module, attr, None) is None:
-                raise AttributeError(
-                    f"ValueCalibration needs the LightningModule to expose `{attr}` (policy, tokenizer "
-                    f"and task are required); {name} does not"
-                )
         fn = getattr(pl_module, "state_values", None)
-        if fn is None:
-            raise AttributeError(
-                f"ValueCalibration needs the LightningModule to implement `state_values(prompt_ids, "
-                f"partial_ids, examples) -> Tensor[N]` (its predicted value of each state prompt ++ "
-                f"partial response); {name} has no `state_values`. Implement it, or remove the "
-                f"ValueCalibration callback for this method."
-            )
-        if not callable(fn):
-            raise TypeError(f"{name}.state_values must be a method, got {type(fn).__name__}")
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{type(pl_module).__name__}.state_values must be a method, got {type(fn).__name__}")
+        require(pl_module, ValueCalibration.contract, "ValueCalibration",
+                hint="`state_values(prompt_ids, partial_ids, examples) -> Tensor[N]` is the predicted value of "
+                     "each state prompt ++ partial response: implement it, or remove the ValueCalibration "
+                     "callback for this method")
         ValueCalibration._pred_to_prob(pl_module)
 
     @staticmethod
@@ -363,7 +344,8 @@ class ValueCalibration(pl.Callback):
                 self.states = None
             self._verified = True
         if self.states is None:
-            states = self.build_states(pl_module) if trainer.is_global_zero else None
+            with rollout_phase_of(pl_module):  # FSDP: every rank gathers, rank 0 samples the probe set
+                states = self.build_states(pl_module) if trainer.is_global_zero else None
             self.states = trainer.strategy.broadcast(states, src=0)
             self._verified = True
         return self.states
@@ -436,18 +418,20 @@ class ValueCalibration(pl.Callback):
         )
         stats = CalibrationStats(n_bins=self.n_bins, pred_to_prob=self._pred_to_prob(pl_module))
         mine = states[rank::world]
-        if mine:
-            prompts = [s.prompt_ids for s in mine]
-            partials = [s.partial_ids for s in mine]
-            exs = [all_examples[s.example_index] for s in mine]
-            mc = mc_values(engine, pl_module.task, prompts, partials, exs, self.mc_rollouts, desc="value mc rollouts")
-            pred = self.predict(pl_module, prompts, partials, exs)
-            stats.update(pred, mc, outcome=[s.outcome for s in mine], step_index=[s.step_index for s in mine])
         rank_stats = RankStats()
-        if self.rank_states > 0 and states:
-            count = min(self.rank_states, len(states))
-            chosen = [states[(i * len(states)) // count] for i in range(count)]  # evenly spaced, fixed
-            self._rank(pl_module, engine, chosen[rank::world], all_examples, rank_stats)
+        with rollout_phase_of(pl_module):  # FSDP: every model gathered once for the whole measurement
+            if mine:
+                prompts = [s.prompt_ids for s in mine]
+                partials = [s.partial_ids for s in mine]
+                exs = [all_examples[s.example_index] for s in mine]
+                mc = mc_values(engine, pl_module.task, prompts, partials, exs, self.mc_rollouts,
+                               desc="value mc rollouts")
+                pred = self.predict(pl_module, prompts, partials, exs)
+                stats.update(pred, mc, outcome=[s.outcome for s in mine], step_index=[s.step_index for s in mine])
+            if self.rank_states > 0 and states:
+                count = min(self.rank_states, len(states))
+                chosen = [states[(i * len(states)) // count] for i in range(count)]  # evenly spaced, fixed
+                self._rank(pl_module, engine, chosen[rank::world], all_examples, rank_stats)
         # global sums, once, on every rank (ranks without states contribute zeros)
         stats.all_reduce()
         rank_stats.all_reduce()

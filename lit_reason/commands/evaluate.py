@@ -1,9 +1,9 @@
 """``python -m lit_reason evaluate``: accuracy table on the terminal and a JSON file.
 
 ``--search greedy`` (default): greedy pass@1, and with ``--samples K`` mean pass@1 and majority vote.
-``--search beam --value DIR``: value-guided step beam search (OREO's test-time search, METHODS
-section 2) with the value model in ``DIR`` (a ``ValueModel.save`` folder sharing the policy's
-vocabulary); greedy pass@1 is reported alongside. Example::
+``--search beam --value DIR``: value-guided step beam search (OREO's test-time search, arXiv
+2412.16145 Sec. 4.4; docs/oreo.md) with the value model in ``DIR`` (a ``ValueModel.save`` folder
+sharing the policy's vocabulary); greedy pass@1 is reported alongside. Example::
 
     python -m lit_reason evaluate --policy runs/oreo/policy --task gsm8k --search beam \
         --value runs/oreo/value --beam-size 7 --max-steps 20 --output beam.json
@@ -12,12 +12,11 @@ vocabulary); greedy pass@1 is reported alongside. Example::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import tempfile
 from pathlib import Path
 
 from lit_reason.commands import run_reporting_bad_input
+from lit_reason.io import atomic_write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="task name: arithmetic, gsm8k, math")
     p.add_argument("--data", default=None, help="task data: a folder or jsonl file (gsm8k, math); default: $LIT_REASON_DATA")
     p.add_argument("--split", default="test")
+    p.add_argument("--prompt-format", choices=("plain", "chat"), default="plain",
+                   help="plain task prompts (default) or the policy's chat template (instruct models)")
+    p.add_argument("--system", default=None, help="chat: system prompt (default: the template's)")
+    p.add_argument("--instruction", default="default",
+                   help="chat: text before the question in the user turn ('default': the task's; '' for none)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples of the split")
     p.add_argument("--samples", type=int, default=0, help="K sampled responses per example besides the greedy one")
     p.add_argument("--temperature", type=float, default=1.0,
@@ -84,16 +88,7 @@ def _check_args(args) -> None:
 
 
 def write_json_atomic(obj, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_json(path, obj, indent=1)
 
 
 def main(argv: list[str]) -> int:
@@ -107,7 +102,12 @@ def _run(argv: list[str]) -> int:
     from lit_reason.tasks import get_task
 
     # the task (a light import) first, so a typo in --task or --data fails before torch loads
-    task = get_task(args.task, **({"path": args.data} if args.data else {}))
+    task_kwargs = {"path": args.data} if args.data else {}
+    if args.prompt_format == "chat":
+        task_kwargs["prompt_format"] = {"kind": "chat", "system": args.system, "instruction": args.instruction}
+    elif args.system is not None or args.instruction != "default":
+        raise ValueError("--system and --instruction apply to --prompt-format chat only")
+    task = get_task(args.task, **task_kwargs)
     examples = task.examples(args.split)[: args.limit]
 
     from lit_reason.evaluation import evaluate_beam_search, evaluate_policy, format_table, load_search_value_fn
@@ -120,6 +120,7 @@ def _run(argv: list[str]) -> int:
         # the answer line stays with the last reasoning step, as in collect and the methods
         splitter = StepSplitter(args.splitter or "newline", answer_prefix=getattr(task, "answer_prefix", None) or None)
     model, tokenizer = load_policy(args.policy, dtype=args.dtype)
+    task.use_tokenizer(tokenizer)  # chat prompts: the policy's chat template (refused when it has none)
     max_new = args.max_new_tokens or (96 if args.task == "arithmetic" else 256)
     if args.search == "beam":
         value_fn, _ = load_search_value_fn(args.value, tokenizer, policy_label=args.policy, policy_model=model,

@@ -1,5 +1,5 @@
 """Target datasets of DVO: per-step value-difference targets from MCTS, an outcome value model, or
-Monte Carlo estimates (METHODS section 4), built on first use and stored like trajectory datasets.
+Monte Carlo estimates (docs/dvo.md), built on first use and stored like trajectory datasets.
 
 See :mod:`lit_reason.methods.dvo` for the sources.
 
@@ -48,7 +48,7 @@ _SOURCE_DEFAULTS = {
 
 
 def check_target_settings(source: str, settings: dict | None) -> dict:
-    """The full settings of a target source: ``settings`` over the defaults (METHODS section 4).
+    """The full settings of a target source: ``settings`` over the defaults (docs/dvo.md).
 
     Common keys: ``split`` (train), ``limit`` (prompts; None = the whole split), ``seed``,
     ``chunk_size`` (prompts per shard, 64), ``batch_size`` (sequences decoded together, 256),
@@ -196,7 +196,7 @@ class _SampledChunks:
 
     def __init__(self, policy, tokenizer, task, splitter, source: str, s: dict, max_new_tokens: int, output: Path,
                  examples, policy_name: str, progress: bool) -> None:
-        from lit_reason.commands.collect import collect
+        from lit_reason.data.collect import collect
         from lit_reason.data.trajectories import TrajectoryDataset
 
         self.policy, self.tokenizer, self.task, self.s = policy, tokenizer, task, s
@@ -297,7 +297,7 @@ def train_outcome_value_model(policy, rows: Sequence[dict], pad_token_id: int, e
                               batch_size: int = 32, seed: int = 0):
     """An outcome value model: V(S_k) regressed by MSE onto 2R - 1 for every step state of ``rows``.
 
-    METHODS section 4 ("Models", the alternative variant): a separate V network trained by MSE to
+    docs/dvo.md: a separate V network trained by MSE to
     predict the final outcome. Its trunk is a copy of the policy's (LoRA merged), the head a
     zero-initialised linear layer with a bias, trained with AdamW; the loss is the mean over all
     step-boundary states S_0 .. S_{T-1} of the batch. Truncated responses count as wrong (R = 0).

@@ -9,7 +9,7 @@ Randomness is per prompt: each prompt's draw uses its own generator seeded by ``
 prompt_index)``, so the choice for a prompt depends neither on the order of the rows nor on the
 other prompts in the list. Outputs are in prompt order (then sample order).
 
-METHODS section 2, "Data collection" (OREO, ``gen_balanced_new_qwen.py``):
+OREO's data rule (arXiv 2412.16145, App. A.1; docs/oreo.md, "Data and targets"):
 
 * 7B setting: keep at most 4 positive and at most 4 negative samples per query, with
   #pos <= #neg, but at least 1 positive if there is any (:func:`balanced_selection`).

@@ -1,6 +1,6 @@
 """Trajectory datasets on disk: the documented form of the offline methods' data (RFT, DPO, OREO ...).
 
-A dataset is a folder written by :func:`lit_reason.commands.collect.collect`::
+A dataset is a folder written by :func:`lit_reason.data.collect.collect`::
 
     DIR/
       meta.json                        what the data is (below); written once, first
@@ -61,13 +61,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
+from lit_reason.io import atomic_write_text
 from lit_reason.rollout.batch import TrajectoryBatch
 
 FORMAT = "lit_reason.trajectories"
@@ -220,17 +220,7 @@ def shard_name(first: int, last: int) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; datasets are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, text)  # .<name>.<random>.tmp, then renamed (see remove_stray_temp_files)
 
 
 def _float9(x: float) -> float:

@@ -1,7 +1,8 @@
 """Pure loss and advantage functions of lit_reason, one module per method family.
 
-Every function works on plain tensors (no model, no I/O) and cites the METHODS.md section it
-implements. Losses return ``(loss, metrics)`` with ``metrics`` a dict of detached scalars.
+Every function works on plain tensors (no model, no I/O) and cites the paper equation it
+implements (arXiv link) and the docs/<method>.md page that explains it. Losses return
+``(loss, metrics)`` with ``metrics`` a dict of detached scalars.
 """
 
 from lit_reason.losses.common import (

@@ -1,9 +1,9 @@
 """Masked reductions, global-batch whitening and step-to-token broadcasting.
 
 These are the building blocks every loss in :mod:`lit_reason.losses` uses. They follow the
-normalisations of ``METHODS.md`` ("Common notation": *masked_mean over tokens* is the sum over
-all valid tokens of the minibatch divided by their count; section 1 "Whitening and loss":
-advantages are whitened over all response tokens of the global batch with the unbiased variance).
+normalisations of docs/index.md ("Notation": the *token mean* is the sum over all valid tokens
+of the minibatch divided by their count) and of VinePPO (docs/vineppo.md: advantages are whitened
+over all response tokens of the global batch with the unbiased variance).
 
 Shape conventions: ``B`` = batch (sequences), ``L`` = response length (tokens), ``S`` = max steps.
 A mask is a float or bool tensor ``[B, L]`` whose nonzero entries mark valid response tokens
@@ -22,6 +22,10 @@ __all__ = [
     "masked_whiten",
     "broadcast_step_values",
     "broadcast_sequence_values",
+    "check_num_steps",
+    "step_valid",
+    "step_sums",
+    "step_log_ratios",
 ]
 
 
@@ -76,7 +80,7 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] |
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
     """Mean of ``x`` over valid positions: ``sum(x * mask) / sum(mask)``.
 
-    With ``dim=None`` this is METHODS.md's "masked_mean over tokens": the sum over all valid
+    With ``dim=None`` this is the "token mean" of docs/index.md: the sum over all valid
     tokens of the minibatch divided by their count (not a mean of per-sequence means).
     A reduction with no valid position returns 0 rather than ``nan``.
 
@@ -111,7 +115,7 @@ def masked_whiten(
     eps: float = 1e-8,
     distributed: bool = True,
 ) -> torch.Tensor:
-    """Whitens ``x`` over all valid tokens of the global batch (METHODS.md section 1, "Whitening").
+    """Whitens ``x`` over all valid tokens of the global batch (docs/vineppo.md).
 
     ``whitened = (x - mean) / sqrt(var_unbiased + eps)`` where ``mean`` and
     ``var_unbiased = var * n / (n - 1)`` are taken over every valid token of the *global* batch.
@@ -134,7 +138,7 @@ def masked_whiten(
         x: Values to whiten, ``[B, L]`` (any shape works).
         mask: Same shape as ``x``; bool or 0/1 float, nonzero = valid token.
         shift_mean: If false, the mean is restored after scaling (see above).
-        eps: Added to the variance before the square root (METHODS: 1e-8).
+        eps: Added to the variance before the square root (source: 1e-8).
         distributed: Reduce the statistics across ranks when a process group is initialised.
 
     Returns:
@@ -168,7 +172,7 @@ def masked_whiten(
 
 
 def broadcast_step_values(step_values: torch.Tensor, step_ids: torch.Tensor) -> torch.Tensor:
-    """Gives every token the value of the step it belongs to (METHODS.md section 1, Decision 2).
+    """Gives every token the value of the step it belongs to (docs/vineppo.md, docs/index.md, steps).
 
     ``out[b, t] = step_values[b, step_ids[b, t]]``, and 0 where ``step_ids[b, t] == -1``
     (padding / tokens outside every step). The step splitter decides membership (a token belongs
@@ -224,3 +228,105 @@ def broadcast_sequence_values(values: torch.Tensor, mask: torch.Tensor) -> torch
         raise ValueError(f"`values` must have shape ({mask.shape[0]},), got {tuple(values.shape)}")
     expanded = values.unsqueeze(1).expand(mask.shape)
     return torch.where(mask != 0, expanded, torch.zeros_like(expanded))
+
+
+# ----------------------------------------------------------------------------- step-level helpers
+
+
+def check_num_steps(num_steps: torch.Tensor, batch: int, max_steps: int) -> None:
+    """Validates ``num_steps``: an integer ``[B]`` tensor with entries in ``[1, S]``.
+
+    Raises:
+        ValueError: Naming ``num_steps`` and what is wrong with it.
+    """
+    if num_steps.dim() != 1 or num_steps.shape[0] != batch:
+        raise ValueError(f"`num_steps` must have shape ({batch},), got {tuple(num_steps.shape)}")
+    if num_steps.is_floating_point() or num_steps.dtype == torch.bool:
+        raise ValueError(f"`num_steps` must be an integer tensor, got {num_steps.dtype}")
+    if batch and (bool((num_steps < 1).any()) or bool((num_steps > max_steps).any())):
+        raise ValueError(f"`num_steps` entries must lie in [1, S={max_steps}], got {num_steps.tolist()}")
+
+
+def step_valid(num_steps: torch.Tensor, max_steps: int, device: torch.device | None = None) -> torch.Tensor:
+    """``[B, S]`` bool, true at ``k < num_steps[b]``."""
+    device = num_steps.device if device is None else device
+    return torch.arange(max_steps, device=device).unsqueeze(0) < num_steps.to(device).unsqueeze(1)
+
+
+def step_sums(x: torch.Tensor, step_ids: torch.Tensor, keep: torch.Tensor, max_steps: int) -> torch.Tensor:
+    """Per-step sums of a per-token tensor: ``out[b, k] = sum_{t: keep[b,t], step_ids[b,t]==k} x[b, t]``.
+
+    One vectorised ``scatter_add``; tokens that are not kept go to a spare column that is cut
+    off, so their values (even ``nan``/``inf``) never leak.
+
+    Args:
+        x: Per-token values ``[B, L]`` (gradients flow).
+        step_ids: Step index of each token ``[B, L]``, in ``[0, S)`` wherever ``keep``.
+        keep: ``[B, L]`` bool, the tokens that count.
+        max_steps: ``S``.
+
+    Returns:
+        ``[B, S]`` in the dtype of ``x``.
+    """
+    index = torch.where(keep, step_ids.long(), torch.full_like(step_ids, max_steps, dtype=torch.long))
+    kept = torch.where(keep, x, torch.zeros_like(x))
+    return x.new_zeros(x.shape[0], max_steps + 1).scatter_add(1, index, kept)[:, :max_steps]
+
+
+def step_log_ratios(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    step_ids: torch.Tensor,
+    num_steps: torch.Tensor,
+    max_steps: int | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Summed log-ratio of each step, ``L_k = sum_{t in step k} (logp_t - logp_ref_t)``.
+
+    The step-level quantity of OREO's step variant (docs/oreo.md) and of DVO (docs/dvo.md): the
+    log-ratio is **summed** over the step's tokens. Which tokens count is decided by ``step_ids``:
+    ``-1`` (padding) and steps ``>= num_steps[b]`` (e.g. steps dropped because they did not fit
+    the maximum length) contribute nothing. With ``mask`` every valid token must belong to a step
+    ``< num_steps`` (an error otherwise), and masked tokens are excluded too.
+
+    Args:
+        logprobs: log pi_theta(a_t | s_t), ``[B, L]`` (gradients flow).
+        ref_logprobs: log pi_ref(a_t | s_t), ``[B, L]``; treated as constants (detached).
+        step_ids: Step index of each token, ``[B, L]`` integer in ``[-1, S)``; -1 for padding.
+        num_steps: T per sequence, ``[B]`` integer in ``[1, S]``.
+        max_steps: ``S``, the padded number of steps; defaults to ``num_steps.max()``.
+        mask: Optional ``[B, L]`` bool or 0/1 float of the valid response tokens.
+
+    Returns:
+        ``[B, S]`` in the dtype of ``logprobs`` (float); 0 at ``k >= num_steps[b]``.
+
+    Raises:
+        ValueError: On shape mismatches (names the argument), a non-integer ``step_ids`` or
+            ``num_steps``, a ``step_ids`` entry outside ``[-1, S)``, ``num_steps`` outside
+            ``[1, S]``, or (with ``mask``) a valid token outside every step.
+    """
+    if logprobs.dim() != 2:
+        raise ValueError(f"`logprobs` must be [B, L], got shape {tuple(logprobs.shape)}")
+    check_same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs, step_ids=step_ids, mask=mask)
+    if step_ids.is_floating_point() or step_ids.dtype == torch.bool:
+        raise ValueError(f"`step_ids` must be an integer tensor, got {step_ids.dtype}")
+    if max_steps is None:
+        max_steps = int(num_steps.max()) if num_steps.numel() else 1
+    max_steps = int(max_steps)
+    if max_steps < 1:
+        raise ValueError(f"`max_steps` must be >= 1, got {max_steps}")
+    check_num_steps(num_steps, logprobs.shape[0], max_steps)
+    if step_ids.numel() and (bool((step_ids < -1).any()) or bool((step_ids >= max_steps).any())):
+        raise ValueError(f"`step_ids` entries must lie in [-1, {max_steps}) (max_steps = {max_steps})")
+    keep = (step_ids >= 0) & (step_ids < num_steps.to(step_ids.device).unsqueeze(1))
+    if mask is not None:
+        valid = mask != 0
+        bad = valid & ~keep
+        if bool(bad.any()):
+            rows = torch.nonzero(bad.any(dim=1)).flatten().tolist()
+            raise ValueError(f"`step_ids` of valid tokens must lie in [0, num_steps); rows {rows} do not")
+        keep = keep & valid
+    dtype = logprobs.dtype if logprobs.is_floating_point() else torch.get_default_dtype()
+    ratio = logprobs.to(dtype) - ref_logprobs.detach().to(dtype)
+    return step_sums(ratio, step_ids, keep, max_steps)
+

@@ -1,15 +1,15 @@
-"""DPO and DPO-Positive (METHODS.md "Baselines they compare to", rows *DPO* and *DPO-Positive*).
+"""DPO (arXiv 2305.18290, Eq. 7) and DPO-Positive (arXiv 2402.13228); see docs/baselines.md.
 
-Decision 8 keeps DPO among the baselines. With the summed sequence log-ratio
+With the summed sequence log-ratio
 ``r(y) = log pi_theta(y|x) - log pi_ref(y|x)`` of a chosen (``w``) and a rejected (``l``)
 response to the same prompt::
 
     DPO:   L = mean_pairs [ -log sigmoid( beta * (r_w - r_l) ) ]
     DPO+:  L = mean_pairs [ -log sigmoid( beta * (r_w - r_l - lambda * max(0, log pi_ref(y_w) - log pi_theta(y_w))) ) ]
 
-METHODS: DPO with beta = 0.1 (OREO); DPO-Positive with lambda = 50 and beta = 0.1 (VinePPO's
+Sources' settings: DPO with beta = 0.1 (OREO's baseline); DPO-Positive with lambda = 50 and beta = 0.1 (VinePPO's
 ``dpo_positive_trainer.py``, where the penalty sits inside the beta-scaled logit). DPO is the
-response-level special case of the KL-regularised soft-Bellman view (Shared building blocks 4).
+response-level special case of the KL-regularised soft-Bellman view (OREO, arXiv 2412.16145, Sec. 3.3).
 
 Shapes: ``B`` sequences, ``L`` response tokens, ``P`` pairs.
 """
@@ -63,7 +63,7 @@ def dpo_loss(
     chosen_logprobs: torch.Tensor | None = None,
     chosen_ref_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DPO loss, with the DPO-Positive penalty when ``dpo_positive_lambda > 0`` (METHODS Baselines).
+    """DPO loss, with the DPO-Positive penalty when ``dpo_positive_lambda > 0`` (docs/baselines.md).
 
     ::
 
@@ -78,8 +78,8 @@ def dpo_loss(
     Args:
         chosen_logratios: ``r_w`` per pair, ``[P]`` (from :func:`sequence_logratios`).
         rejected_logratios: ``r_l`` per pair, ``[P]``.
-        beta: DPO temperature (METHODS: 0.1).
-        dpo_positive_lambda: lambda of DPO-Positive (METHODS: 50 in VinePPO); 0 = plain DPO.
+        beta: DPO temperature (source: 0.1).
+        dpo_positive_lambda: lambda of DPO-Positive (source: 50 in VinePPO); 0 = plain DPO.
         chosen_logprobs: Optional summed log pi_theta(y_w), ``[P]``.
         chosen_ref_logprobs: Optional summed log pi_ref(y_w), ``[P]`` (constants).
 

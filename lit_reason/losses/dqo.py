@@ -1,6 +1,6 @@
-"""DQO: Direct Q-function Optimization, as reconstructed in METHODS.md section 3 (Decision 5).
+"""DQO: Direct Q-function Optimization (arXiv 2410.09302), as reconstructed in docs/dqo.md.
 
-There is no official code. METHODS section 3 ("Losses [reconstruction]") gives the spec this
+There is no official code. docs/dqo.md gives the reconstruction this
 module implements: the Q-function is parameterised by the policy's log-ratio and a separate
 value model, ``Q_theta(s_h, a_h) = beta * l_h + V_phi(s_h)``; the soft rewards are
 ``r~_h = r_h - beta * l_h`` (``r_h = R`` at the last valid token, 0 before); and the targets are
@@ -14,19 +14,19 @@ Inside ``L_Q`` the value terms of the target ``G_{h+1}`` are constants (L_Q trai
 only). The future log-ratios inside ``G_{h+1}`` carry gradient by default, as the
 reconstruction writes it and as OREO's Appendix C reads ("DQO ... equals token-level OREO
 without ... stop gradients"); ``stop_grad_future=True`` detaches them (the switch of
-Decision 5), which makes ``d L_Q / d l_t`` come from residual ``t`` alone, as in OREO's Eq. 9.
+docs/dqo.md), which makes ``d L_Q / d l_t`` come from residual ``t`` alone, as in OREO's Eq. 9.
 
-Identity (Decision 5, tested): with ``lam = 1`` and no importance weights,
+Identity (docs/dqo.md, tested): with ``lam = 1`` and no importance weights,
 ``G_{h+1} = sum_{i>h} (r_i - beta l_i)`` and the Q residual is
 ``V(s_h) + beta * sum_{i>=h} l_i - R``, OREO's token-level residual
 (:func:`lit_reason.losses.oreo.oreo_token_residuals`); the value residual is the same number.
 With ``stop_grad_future=True`` the DQO policy loss then equals
 :func:`~lit_reason.losses.oreo.oreo_policy_loss` without the KL term, in value and gradient.
 
-Library choices where METHODS is silent (section 3 "Normalisation ... unverified"):
+Library choices where the sources are silent (docs/dqo.md, "Defaults, and why"):
 
-* Normalisation: per-sequence mean over states, then batch mean (OREO's, Shared building
-  blocks 8), so the identity holds for the losses and not only the residuals;
+* Normalisation: per-sequence mean over states, then batch mean (OREO's), so the identity holds
+  for the losses and not only the residuals;
   ``token_reduction="sum"`` gives the reconstruction's literal ``sum_h``.
 * ``lam = 0.95`` and ``beta = 0.03`` by default (beta as in OREO's reproduction of DQO; lambda is
   unverified).
@@ -132,7 +132,7 @@ def dqo_lambda_returns(
     beta: float = 0.03,
     lam: float = 0.95,
 ) -> torch.Tensor:
-    """The lambda-return targets ``G_h`` of METHODS section 3 (module doc), per valid token.
+    """The lambda-return targets ``G_h`` of docs/dqo.md, per valid token.
 
     ``G_h = r~_h + (1 - lam) V(s_{h+1}) + lam G_{h+1}``, ``r~_h = r_h - beta l_h``, with
     ``G_H = V(s_H) = 0`` after the last valid token. ``lam = 1`` gives the Monte-Carlo soft
@@ -170,7 +170,7 @@ def dqo_residuals(
     lam: float = 0.95,
     stop_grad_future: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The value and Q residuals of METHODS section 3, per valid token.
+    """The value and Q residuals of docs/dqo.md, per valid token.
 
     ::
 
@@ -235,7 +235,7 @@ def dqo_losses(
     stop_grad_future: bool = False,
     token_reduction: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Both DQO losses from one forward of policy and critic (METHODS section 3, Decision 5).
+    """Both DQO losses from one forward of policy and critic (docs/dqo.md).
 
     ::
 

@@ -1,20 +1,19 @@
 """DVO: step-level log-ratio regression onto externally estimated value differences.
 
-METHODS.md section 4 ("Objective", "Targets from MCTS") and Decision 6::
+DVO (arXiv 2502.13723; docs/dvo.md)::
 
     L_k      = sum_{tokens t in step k} ( log pi_theta(a_t|s_t) - log pi_ref(a_t|s_t) )   # SUM
     target_k = r_k + V(S_{k+1}) - V(S_k)                  # from MCTS Q values (or a value model)
     L_DVO    = mean_b [ (1/T_b) * sum_{k < T_b} ( beta * L_k - target_k )^2 ],   beta = 0.1
 
 The justification is the KL-regularised optimality identity
-``beta * log pi*/pi_ref(a|s) = Q*(s,a) - V*(s) = r + V*(s') - V*(s)`` (METHODS Shared building
-blocks 4). There is no explicit KL term, no stop-gradient on the policy side and no pairing; the
-targets are constants. The normalisation is the per-sequence mean over steps, then the batch mean
-(Shared building blocks 8).
+``beta * log pi*/pi_ref(a|s) = Q*(s,a) - V*(s) = r + V*(s') - V*(s)`` (docs/dvo.md). There is no explicit KL term, no stop-gradient on
+the policy side and no pairing; the targets are constants. The normalisation is the per-sequence
+mean over steps, then the batch mean (docs/index.md, notation).
 
 Step indexing used throughout this module (0-based): a sequence ``b`` has ``T = num_steps[b]``
 steps ``sigma_0 .. sigma_{T-1}``; **step k leads from node k to node k+1**, where node 0 is the
-root (the question, state ``S_0``) and node ``T`` is the terminal node. METHODS writes the same
+root (the question, state ``S_0``) and node ``T`` is the terminal node. The authors' code writes the same
 target 1-based as ``q_credit_k = Q(node_k) - Q(node_{k-1})`` for ``k = 1..T``.
 
 Shapes: ``B`` = batch (sequences), ``L`` = response length (tokens, right-padded), ``S`` = max
@@ -26,25 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from lit_reason.losses.common import masked_mean
+from lit_reason.losses.common import check_num_steps, masked_mean, step_log_ratios, step_valid
 
 __all__ = ["step_logratios", "dvo_loss", "targets_from_q", "targets_from_values"]
-
-
-def _check_num_steps(num_steps: torch.Tensor, batch: int, max_steps: int) -> None:
-    """Validates ``num_steps``: integer ``[B]`` with entries in ``[1, S]``."""
-    if num_steps.dim() != 1 or num_steps.shape[0] != batch:
-        raise ValueError(f"`num_steps` must have shape ({batch},), got {tuple(num_steps.shape)}")
-    if num_steps.is_floating_point() or num_steps.dtype == torch.bool:
-        raise ValueError(f"`num_steps` must be an integer tensor, got {num_steps.dtype}")
-    if batch and (bool((num_steps < 1).any()) or bool((num_steps > max_steps).any())):
-        raise ValueError(f"`num_steps` entries must lie in [1, S={max_steps}], got {num_steps.tolist()}")
-
-
-def _step_valid(num_steps: torch.Tensor, max_steps: int, device: torch.device) -> torch.Tensor:
-    """``[B, S]`` bool, true at ``k < T_b``."""
-    k = torch.arange(max_steps, device=device).unsqueeze(0)
-    return k < num_steps.to(device).unsqueeze(1)
 
 
 def _float_dtype(x: torch.Tensor) -> torch.dtype:
@@ -58,7 +41,7 @@ def step_logratios(
     num_steps: torch.Tensor,
     max_steps: int,
 ) -> torch.Tensor:
-    """Summed per-step log-ratios ``L_k`` (METHODS section 4 "Objective"; Decision 6).
+    """Summed per-step log-ratios ``L_k`` (docs/dvo.md).
 
     ``L[b, k] = sum_{t : step_ids[b, t] == k} (logprobs[b, t] - ref_logprobs[b, t])`` for
     ``k < num_steps[b]``, and 0 for ``k >= num_steps[b]``. The log-ratio is **summed** over the
@@ -68,10 +51,10 @@ def step_logratios(
     Which tokens count is decided by ``step_ids`` alone: tokens with ``step_ids == -1``
     (padding, or anything the caller wants excluded) contribute nothing, and neither do tokens
     whose step index is ``>= num_steps[b]`` (e.g. steps dropped because they did not fit in the
-    maximum length; METHODS section 4 drops those steps together with their targets). Values at
+    maximum length; docs/dvo.md drops those steps together with their targets). Values at
     excluded positions never leak, even if they are ``nan``/``inf``. The step splitter assigns
-    each token to the step containing its first character, EOS to the last step (Decision 2);
-    with DVO's ``"\\n\\n"`` delimiter the delimiter tokens stay in the sum (METHODS section 4,
+    each token to the step containing its first character, EOS to the last step (docs/index.md, steps);
+    with DVO's ``"\\n\\n"`` delimiter the delimiter tokens stay in the sum (docs/dvo.md,
     "Ambiguities": ``step_delim: []``).
 
     Args:
@@ -91,33 +74,7 @@ def step_logratios(
             ``num_steps``, a ``step_ids`` entry outside ``[-1, max_steps)``, or ``num_steps``
             outside ``[1, max_steps]``.
     """
-    if logprobs.dim() != 2:
-        raise ValueError(f"`logprobs` must be [B, L], got shape {tuple(logprobs.shape)}")
-    for name, tensor in (("ref_logprobs", ref_logprobs), ("step_ids", step_ids)):
-        if tuple(tensor.shape) != tuple(logprobs.shape):
-            raise ValueError(
-                f"`{name}` has shape {tuple(tensor.shape)} but must match `logprobs` of shape "
-                f"{tuple(logprobs.shape)}"
-            )
-    if step_ids.is_floating_point() or step_ids.dtype == torch.bool:
-        raise ValueError(f"`step_ids` must be an integer tensor, got {step_ids.dtype}")
-    if int(max_steps) < 1:
-        raise ValueError(f"`max_steps` must be >= 1, got {max_steps}")
-    max_steps = int(max_steps)
-    batch = logprobs.shape[0]
-    _check_num_steps(num_steps, batch, max_steps)
-    if step_ids.numel() and (bool((step_ids < -1).any()) or bool((step_ids >= max_steps).any())):
-        raise ValueError(f"`step_ids` entries must lie in [-1, {max_steps}) (max_steps = {max_steps})")
-
-    dtype = _float_dtype(logprobs)
-    logp = logprobs.to(dtype)
-    ref = ref_logprobs.detach().to(dtype)
-    keep = (step_ids >= 0) & (step_ids < num_steps.to(step_ids.device).unsqueeze(1))
-    ratio = torch.where(keep, logp - ref, torch.zeros_like(logp))
-    # Excluded tokens go to an extra dump column S that is cut off afterwards.
-    index = torch.where(keep, step_ids, torch.full_like(step_ids, max_steps)).long()
-    out = logp.new_zeros(batch, max_steps + 1).scatter_add(1, index, ratio)
-    return out[:, :max_steps]
+    return step_log_ratios(logprobs, ref_logprobs, step_ids, num_steps, max_steps)
 
 
 def dvo_loss(
@@ -126,7 +83,7 @@ def dvo_loss(
     num_steps: torch.Tensor,
     beta: float = 0.1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DVO step-level MSE (METHODS section 4 "Objective"; Decision 6; Shared blocks 8).
+    """DVO step-level MSE (docs/dvo.md; docs/index.md, notation).
 
     ::
 
@@ -144,7 +101,7 @@ def dvo_loss(
         step_targets: ``target_k`` per step, ``[B, S]`` (from :func:`targets_from_q` or
             :func:`targets_from_values`). Entries at ``k >= T_b`` are ignored.
         num_steps: T per sequence, ``[B]`` integer in ``[1, S]``.
-        beta: KL coefficient beta (METHODS: 0.1).
+        beta: KL coefficient beta (source: 0.1).
 
     Returns:
         ``(loss, metrics)``: scalar loss; detached scalar metrics ``mse`` (the loss),
@@ -162,9 +119,9 @@ def dvo_loss(
             f"of shape {tuple(step_logratios.shape)}"
         )
     batch, max_steps = step_logratios.shape
-    _check_num_steps(num_steps, batch, max_steps)
+    check_num_steps(num_steps, batch, max_steps)
 
-    valid = _step_valid(num_steps, max_steps, step_logratios.device)
+    valid = step_valid(num_steps, max_steps, step_logratios.device)
     dtype = _float_dtype(step_logratios)
     zeros = torch.zeros((batch, max_steps), dtype=dtype, device=step_logratios.device)
     implicit = torch.where(valid, beta * step_logratios.to(dtype), zeros)
@@ -182,7 +139,7 @@ def dvo_loss(
 
 
 def targets_from_q(q_path: torch.Tensor, num_steps: torch.Tensor) -> torch.Tensor:
-    """Per-step MCTS credit ``target_k = Q(node_{k+1}) - Q(node_k)`` (METHODS section 4).
+    """Per-step MCTS credit ``target_k = Q(node_{k+1}) - Q(node_k)`` (docs/dvo.md).
 
     ``q_path[b, j]`` is the MCTS value Q = W/N of the ``j``-th node on sequence ``b``'s
     root-to-leaf path: ``j = 0`` is the root (the question), ``j = T_b`` the terminal node, whose
@@ -191,7 +148,7 @@ def targets_from_q(q_path: torch.Tensor, num_steps: torch.Tensor) -> torch.Tenso
 
         target[b, k] = q_path[b, k + 1] - q_path[b, k]        for k < T_b,   0 otherwise
 
-    which is METHODS' 1-based ``q_credit_k = Q(node_k) - Q(node_{k-1})``. The targets telescope:
+    which is the authors' 1-based ``q_credit_k = Q(node_k) - Q(node_{k-1})``. The targets telescope:
     ``sum_k target[b, k] = Q(node_T) - Q(root) = R - Q(root)``. Entries ``q_path[b, j]`` with
     ``j > T_b`` are ignored (even ``nan``). Intermediate rewards r_k are 0 (only terminal
     rewards are backed up), so they do not appear.
@@ -210,19 +167,19 @@ def targets_from_q(q_path: torch.Tensor, num_steps: torch.Tensor) -> torch.Tenso
     if q_path.dim() != 2 or q_path.shape[1] < 2:
         raise ValueError(f"`q_path` must be [B, S + 1] with S >= 1, got shape {tuple(q_path.shape)}")
     batch, max_steps = q_path.shape[0], q_path.shape[1] - 1
-    _check_num_steps(num_steps, batch, max_steps)
+    check_num_steps(num_steps, batch, max_steps)
     dtype = _float_dtype(q_path)
     q = q_path.detach().to(dtype)
-    valid = _step_valid(num_steps, max_steps, q.device)
+    valid = step_valid(num_steps, max_steps, q.device)
     diff = q[:, 1:] - q[:, :-1]
     return torch.where(valid, diff, torch.zeros_like(diff))
 
 
 def targets_from_values(step_values: torch.Tensor, rewards: torch.Tensor, num_steps: torch.Tensor) -> torch.Tensor:
-    """Targets ``V(S_{k+1}) - V(S_k)`` from state values (METHODS section 4, Decision 6).
+    """Targets ``V(S_{k+1}) - V(S_k)`` from state values (docs/dvo.md).
 
     The alternative target sources of DVO: an *outcome value model* (a V network trained by MSE
-    on outcomes; METHODS section 4 "Models") or Monte-Carlo rollouts (Shared blocks 3) supply
+    on outcomes; docs/dvo.md) or Monte-Carlo rollouts (docs/vineppo.md) supply
     ``V(S_k)`` for the non-terminal states ``S_0 .. S_{T-1}``. As in DVO's tree, the terminal
     state carries the outcome itself: **V(S_T) = R** (DVO's terminal node has Q = R), and the
     intermediate rewards are 0, so::
@@ -231,13 +188,13 @@ def targets_from_values(step_values: torch.Tensor, rewards: torch.Tensor, num_st
         target[b, T_b - 1] = R_b - V(S_{T_b - 1})
 
     and ``sum_k target[b, k] = R_b - V(S_0)``. This is numerically the same as VinePPO's
-    ``r_k + V(S_{k+1}) - V(S_k)`` with ``V(S_T) = 0`` and ``r_{T-1} = R`` (METHODS section 1);
+    ``r_k + V(S_{k+1}) - V(S_k)`` with ``V(S_T) = 0`` and ``r_{T-1} = R`` (docs/vineppo.md);
     only the bookkeeping of the terminal reward differs.
 
     Args:
         step_values: ``V(S_0) .. V(S_{T-1})`` per sequence, ``[B, S]``; entries at ``k >= T_b``
             are ignored.
-        rewards: Outcome reward R per sequence, ``[B]`` (+-1 or {0, 1}, Decision 1).
+        rewards: Outcome reward R per sequence, ``[B]`` (+-1 or {0, 1}, docs/index.md, rewards).
         num_steps: T per sequence, ``[B]`` integer in ``[1, S]``.
 
     Returns:
@@ -251,7 +208,7 @@ def targets_from_values(step_values: torch.Tensor, rewards: torch.Tensor, num_st
     batch, max_steps = step_values.shape
     if rewards.dim() != 1 or rewards.shape[0] != batch:
         raise ValueError(f"`rewards` must have shape ({batch},), got {tuple(rewards.shape)}")
-    _check_num_steps(num_steps, batch, max_steps)
+    check_num_steps(num_steps, batch, max_steps)
     dtype = _float_dtype(step_values)
     device = step_values.device
     v = step_values.detach().to(dtype)

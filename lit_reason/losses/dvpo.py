@@ -1,6 +1,6 @@
 """DVPO: a pretrained, frozen global value model (GVM) in place of reward model and critic.
 
-METHODS.md section 5 and Decision 7.
+DVPO, arXiv 2502.16944; the choices and their reasons are in docs/dvpo.md.
 
 Stage 1 (GVM pretraining, TD(lambda) regression as in the official code)::
 
@@ -46,9 +46,9 @@ def td_lambda_targets(
     gamma: float = 1.0,
     lam: float = 0.95,
 ) -> torch.Tensor:
-    """TD(lambda) regression targets of the GVM, ``G_t = A^GAE_t + V_old(t)`` (METHODS sec. 5).
+    """TD(lambda) regression targets of the GVM, ``G_t = A^GAE_t + V_old(t)`` (docs/dvpo.md).
 
-    Exactly the stage-1 code block of METHODS section 5: over the valid tokens of each row,
+    Exactly the stage-1 code block of docs/dvpo.md: over the valid tokens of each row,
     ``delta_t = r_t + gamma * V_old(t+1) - V_old(t)``, ``A_t = delta_t + gamma * lam * A_{t+1}``,
     ``G_t = A_t + V_old(t)``, with ``V_old`` after the last valid token equal to 0 (the outcome
     reward sits in ``r`` at the last token). Equivalently the lambda-return
@@ -61,8 +61,8 @@ def td_lambda_targets(
             preference-derived data) at the last valid token
             (:func:`lit_reason.losses.ppo.terminal_rewards`).
         mask: ``[B, L]`` bool or 0/1 float; 1 = valid token.
-        gamma: Discount (METHODS: 1.0).
-        lam: lambda (METHODS: 0.95).
+        gamma: Discount (source: 1.0).
+        lam: lambda (source: 0.95).
 
     Returns:
         ``[B, L]`` targets ``G_t``, detached, 0 at masked positions.
@@ -79,10 +79,10 @@ def td_lambda_targets(
 def gvm_loss(
     values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GVM regression loss ``0.5 * masked_mean_tokens((V - G)^2)`` (METHODS sec. 5, stage 1).
+    """GVM regression loss ``0.5 * masked_mean_tokens((V - G)^2)`` (docs/dvpo.md, stage 1).
 
-    No value clipping (unlike the PPO critic of section 1). Token-mean over every valid token of
-    the minibatch (Shared building blocks 8, "DVPO: token-mean").
+    No value clipping (unlike the PPO critic of docs/baselines.md). Token-mean over every valid token of
+    the minibatch (the token mean of docs/index.md, as DVPO's code).
 
     Args:
         values: Current GVM values V_phi(t), ``[B, L]`` (requires grad).
@@ -129,17 +129,17 @@ def dvpo_token_rewards(
     kl_coef: float = 0.2,
     task_rewards: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Stage-2 per-token reward ``r_t = -kl_coef * (logp_old_t - logp_ref_t)`` (METHODS sec. 5).
+    """Stage-2 per-token reward ``r_t = -kl_coef * (logp_old_t - logp_ref_t)`` (docs/dvpo.md).
 
     KL-only: there is no reward model and, by default, no terminal score. With ``task_rewards``
-    (Decision 7, ``use_task_reward``) the verifier's outcome R is added at each sequence's last
+    (docs/dvpo.md, ``use_task_reward``) the verifier's outcome R is added at each sequence's last
     valid token (:func:`lit_reason.losses.ppo.terminal_rewards`); every other token is unchanged.
 
     Args:
         logprobs_old: log-probs of the rollout policy, ``[B, L]``.
         ref_logprobs: log-probs of the reference policy, ``[B, L]``.
         mask: ``[B, L]`` bool or 0/1 float; 1 = valid token.
-        kl_coef: beta_kl (METHODS: adaptive, init 0.2; the controller lives outside).
+        kl_coef: beta_kl (source: adaptive, init 0.2; the controller lives outside).
         task_rewards: Optional outcome reward per sequence, ``[B]``.
 
     Returns:
@@ -174,7 +174,7 @@ def dvpo_advantages(
     task_rewards: torch.Tensor | None = None,
     whiten: bool = True,
 ) -> torch.Tensor:
-    """Stage-2 advantages from the frozen GVM (METHODS section 5 stage 2; Decision 7).
+    """Stage-2 advantages from the frozen GVM (docs/dvpo.md, stage 2).
 
     ``mode="gae"`` (default; the official code)::
 
@@ -204,12 +204,12 @@ def dvpo_advantages(
         ref_logprobs: log-probs of the reference policy ``[B, L]``.
         mask: ``[B, L]`` bool or 0/1 float; 1 = valid token.
         mode: ``"gae"`` or ``"static"``.
-        kl_coef: beta_kl of the per-token KL reward (METHODS: adaptive, init 0.2).
-        gamma: GAE discount (METHODS: 1.0).
-        lam: GAE lambda (METHODS: 0.95).
+        kl_coef: beta_kl of the per-token KL reward (source: adaptive, init 0.2).
+        gamma: GAE discount (source: 1.0).
+        lam: GAE lambda (source: 0.95).
         task_rewards: Optional verifier outcome per sequence ``[B]`` added at the last valid
             token (``gae`` only).
-        whiten: Whiten the GVM values and the resulting advantages (METHODS: true).
+        whiten: Whiten the GVM values and the resulting advantages (source: true).
 
     Returns:
         ``[B, L]`` advantages, detached, 0 at masked positions.

@@ -1,4 +1,6 @@
-"""Group-relative sequence advantages: GRPO and RLOO (METHODS.md, "Baselines" table; Decision 8).
+"""Group-relative sequence advantages: GRPO (arXiv 2402.03300) and RLOO (arXiv 2402.14740).
+
+See docs/baselines.md.
 
 * GRPO row: ``A_i = (R_i - mean_j R_j) / std_j R_j`` over the G samples of a prompt, broadcast to
   all tokens; PPO-clip + beta * KL(k3) in the loss.
@@ -42,9 +44,9 @@ def grpo_advantages(
     scale: bool = True,
     unbiased: bool = True,
 ) -> torch.Tensor:
-    """GRPO advantages ``(R_i - mean_g) / (std_g + eps)`` (METHODS Baselines row *GRPO*).
+    """GRPO advantages ``(R_i - mean_g) / (std_g + eps)`` (docs/baselines.md).
 
-    Decision (METHODS does not say which std): ``std_g`` is the **unbiased** (Bessel-corrected,
+    Library choice (the sources do not say which std): ``std_g`` is the **unbiased** (Bessel-corrected,
     ``n - 1`` denominator) sample standard deviation of the group's rewards, as in the common
     GRPO implementations that call ``torch.std``; ``unbiased=False`` gives the population std.
     ``eps`` is added to the std (not the variance), so a group whose rewards are all equal gets
@@ -78,7 +80,7 @@ def grpo_advantages(
 
 
 def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """RLOO advantages ``R_i - 1/(k-1) * sum_{j != i} R_j`` (METHODS Baselines row *RLOO*).
+    """RLOO advantages ``R_i - 1/(k-1) * sum_{j != i} R_j`` (docs/baselines.md).
 
     ``k`` is the size of sample ``i``'s group; groups may have different sizes.
 

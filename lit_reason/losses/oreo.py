@@ -1,9 +1,9 @@
-"""OREO: the soft-Bellman value and policy losses (METHODS.md section 2, "Objective").
+"""OREO: the soft-Bellman value and policy losses (arXiv 2412.16145, Eqs. 8-9; docs/oreo.md).
 
 OREO enforces the soft Bellman consistency ``V*(s_t) - V*(s_{t+1}) = r(s_t, a_t) - beta * l_t``
 (paper Eq. 3) in telescoped form, ``V*(s_t) = R - beta * sum_{i>=t} l_i`` (the reward is given
 only at the end), with a separate value model V_phi and the policy's log-ratio
-``l_t = log pi_theta(a_t|s_t) - log pi_ref(a_t|s_t)``. Decision 4: token-level by default,
+``l_t = log pi_theta(a_t|s_t) - log pi_ref(a_t|s_t)``. docs/oreo.md: token-level by default,
 step-level and response-level as options, exact full-vocabulary KL regulariser (alpha).
 
 Token level (the default; paper Eqs. 8-9), with ``A_t = sum_{i>=t} l_i``::
@@ -16,7 +16,7 @@ Shapes and layout: ``B`` sequences, ``L`` response tokens (right-padded), ``S`` 
 ``mask [B, L]`` (bool or 0/1 float) marks the valid response tokens, EOS included. Token ``t``
 is the action taken in state ``s_t = (x, y_<t)``; ``values[:, t]`` is ``V(s_t)``, so
 ``values[:, 0]`` is the prompt's value V(S_0). The state set S_b of sequence ``b`` is the set of
-its valid tokens' states (METHODS "Code layout": every position whose next token is a response
+its valid tokens' states (docs/oreo.md: every position whose next token is a response
 token; the state after EOS is excluded), so ``|S_b| = |resp_b| = mask[b].sum()``. The reverse
 cumulative sums skip masked positions, so any padding layout works for the token-level losses.
 
@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from lit_reason.losses.common import check_same_shape, masked_mean
+from lit_reason.losses.common import check_num_steps, check_same_shape, masked_mean, step_log_ratios, step_sums
+from lit_reason.losses.common import step_valid as _step_mask
 
 __all__ = [
     "oreo_token_residuals",
@@ -109,7 +110,7 @@ def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
 def _sequence_loss(
     residual: torch.Tensor, valid: torch.Tensor, importance_weights: torch.Tensor | None
 ) -> torch.Tensor:
-    """``mean_b [ w_b * (1/|S_b|) sum_{t in S_b} residual_t^2 ]`` (Shared building blocks 8: OREO)."""
+    """``mean_b [ w_b * (1/|S_b|) sum_{t in S_b} residual_t^2 ]`` (OREO's sequence mean, docs/index.md)."""
     per_sequence = masked_mean(residual**2, valid, dim=1)
     if importance_weights is not None:
         per_sequence = per_sequence * importance_weights.detach().to(per_sequence.dtype)
@@ -147,11 +148,11 @@ def oreo_token_residuals(
     mask: torch.Tensor,
     beta: float = 0.03,
 ) -> torch.Tensor:
-    """OREO's token-level soft-Bellman residual, with no stop-gradient anywhere (METHODS sec. 2).
+    """OREO's token-level soft-Bellman residual, with no stop-gradient anywhere (docs/oreo.md).
 
     ``delta_t = V(s_t) + beta * sum_{i>=t} l_i - R`` at valid tokens, 0 elsewhere. It is the
     residual of both Eq. 8 and Eq. 9 (they differ only in where gradients are stopped); it is
-    exposed for diagnostics and for the DQO identity of Decision 5.
+    exposed for diagnostics and for the DQO identity of docs/dqo.md.
 
     Args:
         values: V(s_t), ``[B, L]``.
@@ -159,7 +160,7 @@ def oreo_token_residuals(
         ref_logprobs: log pi_ref of the taken tokens, ``[B, L]`` (constants).
         rewards: Outcome rewards R, ``[B]``.
         mask: ``[B, L]`` bool or 0/1 float; 1 = valid response token.
-        beta: KL coefficient (METHODS: 0.03).
+        beta: KL coefficient (source: 0.03).
 
     Returns:
         ``[B, L]`` residuals (float32 or wider), 0 at masked positions.
@@ -194,7 +195,7 @@ def oreo_value_loss(
     beta: float = 0.03,
     importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Token-level OREO critic loss (METHODS section 2, paper Eq. 8).
+    """Token-level OREO critic loss (docs/oreo.md, paper Eq. 8).
 
     ::
 
@@ -202,7 +203,7 @@ def oreo_value_loss(
         L_V = mean_b [ w_b * (1/|S_b|) sum_{t in S_b} ( V(s_t) + beta*sg[A_t] - R_b )^2 ]
 
     ``logprobs`` and ``ref_logprobs`` are detached inside, so no gradient reaches the policy.
-    ``w_b`` is 1 unless ``importance_weights`` is given (METHODS: the ``--importance_sampling``
+    ``w_b`` is 1 unless ``importance_weights`` is given (source: the ``--importance_sampling``
     weight is "multiplied into each sequence's loss"; whether the critic is weighted too is not
     stated, so it is opt-in here).
 
@@ -212,7 +213,7 @@ def oreo_value_loss(
         ref_logprobs: log pi_ref of the taken tokens, ``[B, L]`` (detached).
         rewards: Outcome rewards R, ``[B]``.
         mask: ``[B, L]`` bool or 0/1 float; 1 = valid response token (EOS included).
-        beta: KL coefficient (METHODS: 0.03).
+        beta: KL coefficient (source: 0.03).
         importance_weights: Optional per-sequence weights ``[B]`` (detached inside).
 
     Returns:
@@ -242,7 +243,7 @@ def oreo_policy_loss(
     kl: torch.Tensor | None = None,
     importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Token-level OREO policy loss with the exact-KL regulariser (METHODS section 2, Eq. 9).
+    """Token-level OREO policy loss with the exact-KL regulariser (docs/oreo.md, Eq. 9).
 
     ::
 
@@ -254,7 +255,7 @@ def oreo_policy_loss(
     gradient": ``d L_pi / d l_t`` comes from residual ``t`` alone. ``values`` are detached, so no
     gradient reaches the critic. ``KL_t`` is the exact full-vocabulary
     ``KL(pi_theta(.|s_t) || pi_ref(.|s_t))`` computed outside by
-    :func:`lit_reason.models.logprobs.full_kl` (METHODS: ``--unbiased_kl``, the paper's L_reg);
+    :func:`lit_reason.models.logprobs.full_kl` (source: ``--unbiased_kl``, the paper's L_reg);
     gradients flow through it as given. The importance weights ``w_b`` (the
     ``--importance_sampling`` option; see :func:`oreo_importance_weights`) multiply each
     sequence's Bellman term; the KL regulariser is not weighted (library choice: the weights
@@ -266,8 +267,8 @@ def oreo_policy_loss(
         values: V_phi(s_t), ``[B, L]`` (detached inside).
         rewards: Outcome rewards R, ``[B]``.
         mask: ``[B, L]`` bool or 0/1 float; 1 = valid response token (EOS included).
-        beta: KL coefficient of the log-ratio (METHODS: 0.03).
-        alpha: Weight of the exact-KL regulariser (METHODS: 0.01 token level).
+        beta: KL coefficient of the log-ratio (source: 0.03).
+        alpha: Weight of the exact-KL regulariser (source: 0.01 token level).
         kl: Per-position exact KL ``[B, L]``, or ``None`` for no regulariser.
         importance_weights: Optional per-sequence weights ``[B]`` (detached inside).
 
@@ -286,21 +287,43 @@ def oreo_policy_loss(
     _check_weights(importance_weights, logprobs.shape[0])
     dtype = _compute_dtype(logprobs, values)
     lr = _log_ratios(logprobs, ref_logprobs, valid, dtype)
-    future = (_reverse_cumsum(lr) - lr).detach()  # sum_{i>t} l_i
-    v = _zeroed(values.detach(), valid, dtype)
+    return _policy_loss_core(lr, values, rewards, valid, valid, beta, alpha, kl, importance_weights, dtype)
+
+
+def _policy_loss_core(
+    ratios: torch.Tensor,
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    states: torch.Tensor,
+    tokens: torch.Tensor,
+    beta: float,
+    alpha: float,
+    kl: torch.Tensor | None,
+    importance_weights: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy loss shared by the token and step levels (paper Eq. 9 and its step variant).
+
+    ``ratios [B, N]`` are the log-ratios of the N actions (tokens: ``l_t``; steps: ``L_k``) and
+    ``values [B, N]`` V at their states; ``states [B, N]`` marks the valid actions and ``tokens
+    [B, L]`` the valid tokens of the per-token KL regulariser. The residual is
+    ``sg[V] + beta * (ratio + sg[sum of later ratios]) - R`` at every valid action.
+    """
+    future = (_reverse_cumsum(ratios) - ratios).detach()  # sum over the later actions
+    v = _zeroed(values.detach(), states, dtype)
     residual = torch.where(
-        valid, v + beta * (lr + future) - rewards.detach().to(dtype).unsqueeze(1), torch.zeros_like(lr)
+        states, v + beta * (ratios + future) - rewards.detach().to(dtype).unsqueeze(1), torch.zeros_like(v)
     )
-    bellman = _sequence_loss(residual, valid, importance_weights)
-    kl_loss, kl_mean = _kl_term(kl, valid, alpha, dtype)
+    bellman = _sequence_loss(residual, states, importance_weights)
+    kl_loss, kl_mean = _kl_term(kl, tokens, alpha, dtype)
     loss = bellman + kl_loss
     with torch.no_grad():
         metrics = {
             "policy_loss": bellman.detach(),
             "kl_loss": kl_loss.detach(),
             "kl": kl_mean,
-            **_residual_metrics(residual, valid, v),
-            "weight_mean": _weight_mean(importance_weights, dtype, logprobs.device),
+            **_residual_metrics(residual, states, v),
+            "weight_mean": _weight_mean(importance_weights, dtype, ratios.device),
         }
     return loss, metrics
 
@@ -315,9 +338,9 @@ def _weight_mean(importance_weights: torch.Tensor | None, dtype: torch.dtype, de
 def oreo_importance_weights(
     logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, cap: float = 1.0
 ) -> torch.Tensor:
-    """Per-sequence importance weights ``w_b = exp(min(sum_t l_t, cap))``, detached (METHODS sec. 2).
+    """Per-sequence importance weights ``w_b = exp(min(sum_t l_t, cap))``, detached (docs/oreo.md).
 
-    OREO's ``--importance_sampling`` option (used for its DQO reproduction; METHODS section 3
+    OREO's ``--importance_sampling`` option (used for its DQO reproduction; docs/dqo.md
     "Importance sampling"): the trajectory-level ratio pi_theta/pi_ref of the offline sample
     (pi_ref is the behaviour policy), clipped from above at ``exp(cap)``.
 
@@ -325,7 +348,7 @@ def oreo_importance_weights(
         logprobs: log pi_theta of the taken tokens, ``[B, L]``.
         ref_logprobs: log pi_ref of the taken tokens, ``[B, L]``.
         mask: ``[B, L]`` bool or 0/1 float; 1 = valid response token.
-        cap: Upper clip ``c`` of the summed log-ratio (METHODS: 1).
+        cap: Upper clip ``c`` of the summed log-ratio (source: 1).
 
     Returns:
         ``[B]`` weights, float32 or wider, without gradient.
@@ -356,61 +379,13 @@ def _check_step_structure(
         )
     if step_ids.is_floating_point() or step_ids.dtype == torch.bool:
         raise ValueError(f"`step_ids` must be an integer tensor, got {step_ids.dtype}")
-    if num_steps.dim() != 1 or num_steps.shape[0] != batch:
-        raise ValueError(f"`num_steps` must have shape ({batch},), got {tuple(num_steps.shape)}")
-    if num_steps.is_floating_point() or num_steps.dtype == torch.bool:
-        raise ValueError(f"`num_steps` must be an integer tensor, got {num_steps.dtype}")
-    if batch and (bool((num_steps < 1).any()) or bool((num_steps > max_steps).any())):
-        raise ValueError(f"`num_steps` entries must lie in [1, S={max_steps}], got {num_steps.tolist()}")
+    check_num_steps(num_steps, batch, max_steps)
     ids = step_ids.long()
     bad = mask_valid & ((ids < 0) | (ids >= num_steps.long().unsqueeze(1)))
     if bool(bad.any()):
         rows = torch.nonzero(bad.any(dim=1)).flatten().tolist()
         raise ValueError(f"`step_ids` of valid tokens must lie in [0, num_steps); rows {rows} do not")
-    return torch.arange(max_steps, device=num_steps.device).unsqueeze(0) < num_steps.unsqueeze(1)
-
-
-def _step_sums(x: torch.Tensor, step_ids: torch.Tensor, valid: torch.Tensor, max_steps: int) -> torch.Tensor:
-    """``out[b, k] = sum_{t: step_ids[b,t]==k, valid} x[b, t]`` (``x`` already 0 where invalid)."""
-    index = torch.where(valid, step_ids.long(), torch.zeros_like(step_ids, dtype=torch.long))
-    out = x.new_zeros((x.shape[0], max_steps))
-    return out.scatter_add(1, index, x)
-
-
-def step_log_ratios(
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    step_ids: torch.Tensor,
-    num_steps: torch.Tensor,
-    mask: torch.Tensor,
-    max_steps: int | None = None,
-) -> torch.Tensor:
-    """Summed log-ratio of each step, ``L_k = sum_{t in step k} l_t`` (METHODS "Common notation").
-
-    Args:
-        logprobs: log pi_theta of the taken tokens, ``[B, L]`` (gradients flow).
-        ref_logprobs: log pi_ref, ``[B, L]`` (constants).
-        step_ids: Step index per token ``[B, L]`` integer, -1 on padding; every valid token must
-            belong to a step ``< num_steps``.
-        num_steps: T per sequence, ``[B]`` integer in ``[1, S]``.
-        mask: ``[B, L]`` bool or 0/1 float; 1 = valid response token.
-        max_steps: ``S``; defaults to ``num_steps.max()``.
-
-    Returns:
-        ``[B, S]`` step log-ratios, 0 at ``k >= T_b``.
-
-    Raises:
-        ValueError: On shape mismatches (names the argument) or step indices out of range.
-    """
-    if logprobs.dim() != 2:
-        raise ValueError(f"`logprobs` must be [B, L], got shape {tuple(logprobs.shape)}")
-    check_same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs, mask=mask)
-    valid = mask != 0
-    if max_steps is None:
-        max_steps = int(num_steps.max()) if num_steps.numel() else 0
-    _check_step_structure(step_ids, num_steps, valid, max_steps)
-    dtype = _compute_dtype(logprobs)
-    return _step_sums(_log_ratios(logprobs, ref_logprobs, valid, dtype), step_ids, valid, max_steps)
+    return _step_mask(num_steps, max_steps)
 
 
 def step_start_values(values: torch.Tensor, step_ends: torch.Tensor, num_steps: torch.Tensor) -> torch.Tensor:
@@ -475,7 +450,7 @@ def oreo_step_value_loss(
     beta: float = 0.03,
     importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Step-level OREO critic loss (METHODS section 2, "Variants": states only at step starts).
+    """Step-level OREO critic loss (docs/oreo.md: states only at step starts).
 
     Eq. 8 with the step states S_0..S_{T-1} in place of the token states::
 
@@ -489,7 +464,7 @@ def oreo_step_value_loss(
         step_ids: Step index per token ``[B, L]`` integer (-1 on padding).
         num_steps: T per sequence, ``[B]`` integer in ``[1, S]``.
         mask: ``[B, L]`` bool or 0/1 float; 1 = valid response token.
-        beta: KL coefficient (METHODS: 0.03).
+        beta: KL coefficient (source: 0.03).
         importance_weights: Optional per-sequence weights ``[B]`` (detached inside).
 
     Returns:
@@ -504,7 +479,7 @@ def oreo_step_value_loss(
     dtype = _compute_dtype(step_values, logprobs)
     max_steps = step_values.shape[1]
     with torch.no_grad():
-        step_lr = _step_sums(_log_ratios(logprobs.detach(), ref_logprobs, valid, dtype), step_ids, valid, max_steps)
+        step_lr = step_sums(_log_ratios(logprobs.detach(), ref_logprobs, valid, dtype), step_ids, valid, max_steps)
         advantage = _reverse_cumsum(step_lr)
     v = _zeroed(step_values, step_valid, dtype)
     return _value_regression(v, advantage, rewards, step_valid, beta, importance_weights)
@@ -523,7 +498,7 @@ def oreo_step_policy_loss(
     kl: torch.Tensor | None = None,
     importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Step-level OREO policy loss (METHODS section 2, "Variants": ``--step_level``).
+    """Step-level OREO policy loss (docs/oreo.md: ``--step_level``).
 
     States exist only at step starts and the action is the whole step, with the summed step
     log-ratio ``L_k`` (:func:`step_log_ratios`)::
@@ -532,7 +507,7 @@ def oreo_step_policy_loss(
         L_pi    = mean_b [ w_b * (1/T_b) sum_{k<T_b} delta_k^2 ]
                   + alpha * mean_b [ (1/|resp_b|) sum_{t in resp_b} KL_t ]
 
-    The KL regulariser stays per token, as at token level (METHODS: alpha = 0.1 for step level).
+    The KL regulariser stays per token, as at token level (source: alpha = 0.1 for step level).
 
     Args:
         logprobs: log pi_theta of the taken tokens, ``[B, L]`` (requires grad).
@@ -542,8 +517,8 @@ def oreo_step_policy_loss(
         step_ids: Step index per token ``[B, L]`` integer (-1 on padding).
         num_steps: T per sequence, ``[B]`` integer in ``[1, S]``.
         mask: ``[B, L]`` bool or 0/1 float; 1 = valid response token.
-        beta: KL coefficient (METHODS: 0.03).
-        alpha: Weight of the exact-KL regulariser (METHODS: 0.1 step level).
+        beta: KL coefficient (source: 0.03).
+        alpha: Weight of the exact-KL regulariser (source: 0.1 step level).
         kl: Per-position exact KL ``[B, L]`` or ``None``.
         importance_weights: Optional per-sequence weights ``[B]`` (detached inside).
 
@@ -559,24 +534,9 @@ def oreo_step_policy_loss(
     )
     _check_weights(importance_weights, logprobs.shape[0])
     dtype = _compute_dtype(logprobs, step_values)
-    step_lr = _step_sums(_log_ratios(logprobs, ref_logprobs, valid, dtype), step_ids, valid, step_values.shape[1])
-    future = (_reverse_cumsum(step_lr) - step_lr).detach()
-    v = _zeroed(step_values.detach(), step_valid, dtype)
-    residual = torch.where(
-        step_valid, v + beta * (step_lr + future) - rewards.detach().to(dtype).unsqueeze(1), torch.zeros_like(v)
-    )
-    bellman = _sequence_loss(residual, step_valid, importance_weights)
-    kl_loss, kl_mean = _kl_term(kl, valid, alpha, dtype)
-    loss = bellman + kl_loss
-    with torch.no_grad():
-        metrics = {
-            "policy_loss": bellman.detach(),
-            "kl_loss": kl_loss.detach(),
-            "kl": kl_mean,
-            **_residual_metrics(residual, step_valid, v),
-            "weight_mean": _weight_mean(importance_weights, dtype, logprobs.device),
-        }
-    return loss, metrics
+    step_lr = step_sums(_log_ratios(logprobs, ref_logprobs, valid, dtype), step_ids, valid, step_values.shape[1])
+    return _policy_loss_core(step_lr, step_values, rewards, step_valid, valid, beta, alpha, kl, importance_weights,
+                             dtype)
 
 
 # ----------------------------------------------------------------------------- response level
@@ -593,7 +553,7 @@ def oreo_response_loss(
     kl: torch.Tensor | None = None,
     importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Response-level OREO policy loss (METHODS section 2, "Variants": ``--traj_actor_loss``).
+    """Response-level OREO policy loss (docs/oreo.md: ``--traj_actor_loss``).
 
     Only the initial state s_0 is used (DPO-like)::
 
@@ -610,8 +570,8 @@ def oreo_response_loss(
             the value at each row's first valid token (``values[:, 0]`` when right-padded) is read.
         rewards: Outcome rewards R, ``[B]``.
         mask: ``[B, L]`` bool or 0/1 float; 1 = valid response token.
-        beta: KL coefficient (METHODS: 0.03).
-        alpha: Weight of the exact-KL regulariser (METHODS: 0.3 response level).
+        beta: KL coefficient (source: 0.03).
+        alpha: Weight of the exact-KL regulariser (source: 0.3 response level).
         kl: Per-position exact KL ``[B, L]`` or ``None``.
         importance_weights: Optional per-sequence weights ``[B]`` (detached inside).
 

@@ -1,9 +1,9 @@
 """PPO-clip policy loss with the k3 KL term, GAE and the clipped critic loss.
 
-Implements METHODS.md section 1 ("Whitening and loss": the actor loss shared by VinePPO and its
-PPO baseline; "PPO baseline (same trainer)": GAE and the clipped critic loss) and the
-"Baselines" table row *PPO + GAE*. GRPO and RLOO reuse :func:`ppo_policy_loss` with their own
-sequence-level advantages broadcast to tokens (Baselines rows *GRPO*, *RLOO*).
+The clipped surrogate is PPO's (arXiv 1707.06347, Eq. 7) with the k3 KL term in the loss as in
+VinePPO's trainer (docs/vineppo.md); GAE (arXiv 1506.02438) and the clipped critic loss are the
+PPO baseline of docs/baselines.md. GRPO and RLOO reuse :func:`ppo_policy_loss` with their own
+sequence-level advantages broadcast to tokens.
 
 Shapes: ``B`` = batch (sequences), ``L`` = response length (tokens). Masks are bool or 0/1 float
 ``[B, L]`` with 1 on valid response tokens (EOS included). All functions are pure.
@@ -29,7 +29,7 @@ def ppo_policy_loss(
     kl_clip_max: float | None = 10.0,
     ratio_threshold: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clip surrogate plus the clipped k3 KL loss (METHODS.md section 1, "Whitening and loss").
+    """PPO-clip surrogate plus the clipped k3 KL loss (docs/vineppo.md).
 
     With ``rho_t = exp(logp_t - logp_old_t)``::
 
@@ -39,14 +39,14 @@ def ppo_policy_loss(
         L    = L_pg + L_kl
 
     ``masked_mean_tokens`` is the sum over every valid token of the minibatch divided by their
-    count (METHODS "Common notation"; Shared building blocks 8). The KL is summed over each
+    count (docs/index.md, notation). The KL is summed over each
     sequence's tokens (clipped per token) and averaged over all ``B`` sequences. If
     ``ratio_threshold`` is set and ``masked_mean(rho) > ratio_threshold`` the batch is skipped:
     the returned loss is ``0 * sum(valid logprobs)``, a zero that still backpropagates (exact zero
     gradients, even when ``rho`` overflowed) and ``metrics["skipped"] == 1``.
 
     The caller computes ``logprobs`` from the training logits divided by the sampling temperature
-    (METHODS section 1); that is not part of this pure function.
+    (docs/vineppo.md); that is not part of this pure function.
 
     Args:
         logprobs: log pi_theta(a_t | s_t) of the taken tokens, ``[B, L]`` (requires grad).
@@ -54,12 +54,12 @@ def ppo_policy_loss(
             (treated as constants).
         advantages: Per-token advantages ``[B, L]`` (already whitened if desired; constants).
         mask: ``[B, L]`` bool or 0/1 float; 1 = valid response token.
-        clip_eps: PPO clip range eps (METHODS: 0.2).
+        clip_eps: PPO clip range eps (source: 0.2).
         ref_logprobs: log pi_ref of the taken tokens, ``[B, L]``; required if ``kl_coef != 0``.
-        kl_coef: beta_kl (METHODS: 1e-4 for VinePPO / PPO). 0 disables the KL term.
-        kl_clip_max: Upper clip of each token's ``k3_t * mask_t`` (METHODS: 10); ``None`` = no
+        kl_coef: beta_kl (source: 1e-4 for VinePPO / PPO). 0 disables the KL term.
+        kl_clip_max: Upper clip of each token's ``k3_t * mask_t`` (source: 10); ``None`` = no
             upper clip (the lower clip at 0 always applies).
-        ratio_threshold: Skip the batch when the masked mean ratio exceeds it (METHODS: 10);
+        ratio_threshold: Skip the batch when the masked mean ratio exceeds it (source: 10);
             ``None`` disables the check.
 
     Returns:
@@ -127,9 +127,9 @@ def ppo_policy_loss(
 
 
 def terminal_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Places each outcome reward R at its sequence's last valid token (METHODS section 1, PPO).
+    """Places each outcome reward R at its sequence's last valid token (docs/vineppo.md, PPO).
 
-    The outcome reward is given only at the end (METHODS "Common notation"), so the per-token
+    The outcome reward is given only at the end (docs/index.md, notation), so the per-token
     reward for GAE is 0 everywhere except the final valid token (EOS when present).
 
     Args:
@@ -169,7 +169,7 @@ def gae_advantages(
     gamma: float = 1.0,
     lam: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-level GAE (METHODS Baselines row *PPO + GAE*; section 1 "PPO baseline").
+    """Token-level GAE (arXiv 1506.02438; the PPO baseline of docs/baselines.md).
 
     Over the valid tokens of each row, in order::
 
@@ -228,7 +228,7 @@ def value_loss(
     mask: torch.Tensor,
     clip_range: float | None = 0.2,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped critic loss of the PPO baseline (METHODS section 1, "PPO baseline").
+    """Clipped critic loss of the PPO baseline (docs/vineppo.md).
 
     ``L_V = 0.5 * masked_mean_tokens( max((V - G)^2, (clip(V, V_old - c, V_old + c) - G)^2) )``
 
@@ -237,7 +237,7 @@ def value_loss(
         old_values: Critic values at rollout time, ``[B, L]`` (constants).
         returns: Targets G_t (GAE returns ``A + V_old``), ``[B, L]`` (constants).
         mask: ``[B, L]`` bool or 0/1 float; 1 = valid token.
-        clip_range: c (METHODS: 0.2). ``None`` gives the unclipped ``0.5 * masked_mean((V-G)^2)``.
+        clip_range: c (source: 0.2). ``None`` gives the unclipped ``0.5 * masked_mean((V-G)^2)``.
 
     Returns:
         ``(loss, metrics)``: scalar loss; detached scalar metrics ``vf_loss`` (the loss),

@@ -1,6 +1,6 @@
-"""Supervised fine-tuning loss (METHODS.md "Baselines" table, row *SFT*; Decision 8).
+"""Supervised fine-tuning loss (docs/baselines.md).
 
-The SFT row is ``-sum_t log pi_theta(y*_t | x, y*_<t)`` on gold solutions. RFT / RestEM use the
+The baselines' SFT loss is ``-sum_t log pi_theta(y*_t | x, y*_<t)`` on gold solutions. RFT / RestEM use the
 same loss on the kept (R = 1) samples.
 """
 
@@ -17,7 +17,7 @@ def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     """Token-mean negative log-likelihood over valid tokens.
 
     ``L = -masked_mean_tokens(logprobs)``: the sum over every valid token of the minibatch
-    divided by their count. METHODS' SFT row writes a per-sequence *sum*; normalising by the
+    divided by their count. The papers write a per-sequence *sum*; normalising by the
     number of tokens of the minibatch is the library's choice (the usual causal-LM convention; it
     changes only the scale of the gradient, not the optimum).
 

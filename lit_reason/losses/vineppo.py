@@ -1,6 +1,6 @@
-"""VinePPO's Monte-Carlo step advantages and their token broadcast (METHODS.md section 1).
+"""VinePPO's Monte-Carlo step advantages and their token broadcast (arXiv 2410.01679; docs/vineppo.md).
 
-METHODS section 1, "Value and advantage estimation" and Decision 3::
+docs/vineppo.md::
 
     step_rewards r_k = 0 for k < T-1,  r_{T-1} = R
     V(S_T) = 0                                      (terminal)
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from lit_reason.losses.common import broadcast_step_values, masked_whiten
+from lit_reason.losses.common import broadcast_step_values, check_num_steps, masked_whiten, step_valid
 
 __all__ = [
     "value_estimation_mask",
@@ -35,14 +35,9 @@ def _check_step_inputs(step_values: torch.Tensor, num_steps: torch.Tensor, rewar
     if step_values.dim() != 2:
         raise ValueError(f"`step_values` must be [B, S], got shape {tuple(step_values.shape)}")
     batch, max_steps = step_values.shape
-    if num_steps.dim() != 1 or num_steps.shape[0] != batch:
-        raise ValueError(f"`num_steps` must have shape ({batch},), got {tuple(num_steps.shape)}")
+    check_num_steps(num_steps, batch, max_steps)
     if rewards.dim() != 1 or rewards.shape[0] != batch:
         raise ValueError(f"`rewards` must have shape ({batch},), got {tuple(rewards.shape)}")
-    if num_steps.is_floating_point() or num_steps.dtype == torch.bool:
-        raise ValueError(f"`num_steps` must be an integer tensor, got {num_steps.dtype}")
-    if batch and (bool((num_steps < 1).any()) or bool((num_steps > max_steps).any())):
-        raise ValueError(f"`num_steps` entries must lie in [1, S={max_steps}], got {num_steps.tolist()}")
 
 
 def _step_rewards(num_steps: torch.Tensor, rewards: torch.Tensor, max_steps: int, dtype: torch.dtype) -> torch.Tensor:
@@ -52,15 +47,10 @@ def _step_rewards(num_steps: torch.Tensor, rewards: torch.Tensor, max_steps: int
     return torch.where(last, rewards.to(dtype).unsqueeze(1), torch.zeros((), dtype=dtype, device=rewards.device))
 
 
-def _step_valid(num_steps: torch.Tensor, max_steps: int) -> torch.Tensor:
-    """``[B, S]`` bool, true at k < T."""
-    return torch.arange(max_steps, device=num_steps.device).unsqueeze(0) < num_steps.unsqueeze(1)
-
-
 def value_estimation_mask(
     num_steps: torch.Tensor, max_steps: int, max_step_for_value_estimation: int | None = None
 ) -> torch.Tensor:
-    """Which step states get MC rollouts: ``k < min(T, M)`` (METHODS section 1).
+    """Which step states get MC rollouts: ``k < min(T, M)`` (docs/vineppo.md).
 
     ``M`` is ``max_step_for_value_estimation`` (GSM8K 25; MATH ``None`` = all steps).
 
@@ -72,7 +62,7 @@ def value_estimation_mask(
     Returns:
         ``[B, S]`` bool mask, true where S_k is to be estimated by rollouts.
     """
-    mask = _step_valid(num_steps, max_steps)
+    mask = step_valid(num_steps, max_steps)
     if max_step_for_value_estimation is not None:
         k = torch.arange(max_steps, device=num_steps.device).unsqueeze(0)
         mask = mask & (k < max_step_for_value_estimation)
@@ -87,8 +77,8 @@ def fill_values_backward(
 ) -> torch.Tensor:
     """Fills the values of states that got no MC estimate: ``V(S_k) = r_k + V(S_{k+1})``.
 
-    METHODS section 1: "states S_k with k >= M are filled backwards: V(S_k) = r_k + V(S_{k+1})
-    (= R, i.e. the trajectory itself)". Filling runs from ``k = T-1`` down to 0 with
+    As in VinePPO's released code (docs/vineppo.md), states S_k with k >= M are filled backwards,
+    ``V(S_k) = r_k + V(S_{k+1})`` (= R, the trajectory itself). Filling runs from ``k = T-1`` down to 0 with
     ``V(S_T) = 0`` and ``r_{T-1} = R``; estimated states keep their value, and any state not
     estimated (not only a suffix) takes ``r_k`` plus its successor's (possibly filled) value.
 
@@ -113,7 +103,7 @@ def fill_values_backward(
         )
     dtype = step_values.dtype if step_values.is_floating_point() else torch.get_default_dtype()
     batch, max_steps = step_values.shape
-    valid = _step_valid(num_steps, max_steps)
+    valid = step_valid(num_steps, max_steps)
     estimated = estimated_mask.bool() & valid
     r = _step_rewards(num_steps, rewards, max_steps, dtype)
     vals = step_values.to(dtype)
@@ -131,7 +121,7 @@ def fill_values_backward(
 def vineppo_step_advantages(
     step_values: torch.Tensor, num_steps: torch.Tensor, rewards: torch.Tensor
 ) -> torch.Tensor:
-    """Step advantages ``A_k = r_k + V(S_{k+1}) - V(S_k)`` (METHODS section 1; Decision 3).
+    """Step advantages ``A_k = r_k + V(S_{k+1}) - V(S_k)`` (docs/vineppo.md).
 
     gamma = 1, no GAE, ``V(S_T) = 0`` and ``r_k = R`` only at ``k = T-1``, so
     ``A_k = V(S_{k+1}) - V(S_k)`` for ``k < T-1`` and ``A_{T-1} = R - V(S_{T-1})``.
@@ -151,7 +141,7 @@ def vineppo_step_advantages(
     _check_step_inputs(step_values, num_steps, rewards)
     dtype = step_values.dtype if step_values.is_floating_point() else torch.get_default_dtype()
     batch, max_steps = step_values.shape
-    valid = _step_valid(num_steps, max_steps)
+    valid = step_valid(num_steps, max_steps)
     v = torch.where(valid, step_values.to(dtype), torch.zeros((), dtype=dtype, device=step_values.device))
     v_next = torch.cat([v[:, 1:], v.new_zeros(batch, 1)], dim=1)  # V(S_T) = 0 since v is 0 at k >= T
     r = _step_rewards(num_steps, rewards, max_steps, dtype)
@@ -169,12 +159,12 @@ def vineppo_token_advantages(
     distributed: bool = True,
     eps: float = 1e-8,
 ) -> torch.Tensor:
-    """Per-token VinePPO advantages (METHODS section 1, "Step advantage to token advantage").
+    """Per-token VinePPO advantages (docs/vineppo.md).
 
     Computes :func:`vineppo_step_advantages`, gives every valid token its step's advantage
     (``step_ids`` from the step splitter: a token belongs to the step containing its first
-    character, EOS to the last step; Decision 2), then, if ``whiten``, whitens them over all
-    valid tokens of the global batch with :func:`~lit_reason.losses.common.masked_whiten`
+    character, EOS to the last step; docs/index.md, steps), then, if ``whiten``, whitens them
+    over all valid tokens of the global batch with :func:`~lit_reason.losses.common.masked_whiten`
     (unbiased variance, eps 1e-8, all-reduced across ranks when ``distributed``).
 
     Args:
@@ -183,7 +173,7 @@ def vineppo_token_advantages(
         rewards: Outcome reward R per sequence, ``[B]``.
         step_ids: Step index of each token, ``[B, L]`` integer; -1 for padding.
         mask: ``[B, L]`` bool or 0/1 float; 1 = valid response token (EOS included).
-        whiten: Whiten over the global batch's valid tokens (METHODS: true).
+        whiten: Whiten over the global batch's valid tokens (source: true).
         distributed: Passed to :func:`masked_whiten`.
         eps: Variance epsilon of the whitening.
 

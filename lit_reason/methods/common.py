@@ -78,9 +78,12 @@ class GreedyAccuracyLoops:
 
     def _greedy_accuracy(self, examples: list[dict], name: str) -> None:
         from lit_reason.evaluation import evaluate_policy
+        from lit_reason.parallel.fsdp import gathered
 
-        result = evaluate_policy(self.policy, self.tokenizer, self.task, examples,
-                                 max_new_tokens=self.hparams.max_new_tokens, batch_size=self.hparams.rollout_batch_size)
+        with gathered(self.policy):  # FSDP: the policy gathered once, not per decoded token
+            result = evaluate_policy(self.policy, self.tokenizer, self.task, examples,
+                                     max_new_tokens=self.hparams.max_new_tokens,
+                                     batch_size=self.hparams.rollout_batch_size)
         self.log(name, result["accuracy"], batch_size=len(examples), prog_bar=True)
 
     def validation_step(self, examples: list[dict], batch_idx: int) -> None:

@@ -1,4 +1,4 @@
-"""DPO on collected pairs (METHODS baselines table, row *DPO*; OREO's baseline: beta 0.1).
+"""DPO on collected pairs (arXiv 2305.18290, Eq. 7; docs/baselines.md; OREO's baseline: beta 0.1).
 
 Pairs (y_w correct, y_l wrong) of one prompt come from :func:`lit_reason.data.dpo_pairs`
 (at most ``max_pairs`` per prompt); prompts whose samples are all wrong or all right give no pair

@@ -1,6 +1,6 @@
-"""DQO: Direct Q-function Optimization (METHODS section 3; Decision 5) as a LightningModule.
+"""DQO: Direct Q-function Optimization (arXiv 2410.09302; docs/dqo.md) as a LightningModule.
 
-No official code exists; this trains the reconstruction of METHODS section 3 with the losses of
+No official code exists; this trains the reconstruction of docs/dqo.md with the losses of
 :mod:`lit_reason.losses.dqo`. The Q-function is the policy's log-ratio plus a separate value model,
 ``Q_theta(s_h, a_h) = beta * l_h + V_phi(s_h)``; the targets are lambda-returns of the soft rewards
 ``r~_h = r_h - beta * l_h`` (terminal values 0)::
@@ -8,21 +8,21 @@ No official code exists; this trains the reconstruction of METHODS section 3 wit
     L_V = mean_b [ (1/|S_b|) sum_h ( V(s_h) - sg[G_h] )^2 ]
     L_Q = mean_b [ w_b (1/|S_b|) sum_h ( beta*l_h + sg[V(s_h)] - r_h - G_{h+1} )^2 ]
 
-Per batch the update order is OREO's (METHODS sec. 2 "Update order"; the machinery is shared in
+Per batch the update order is OREO's (docs/oreo.md; the machinery is shared in
 :class:`~lit_reason.methods.oreo.ValueOfflineRL`): the value model's step on ``L_V`` first (its
 targets read the current policy under no grad), then the policy's step on ``L_Q``.
 
-Defaults, where METHODS is silent or marks a value unverified (section 3 "Ambiguities"):
+Defaults, where the sources are silent (docs/dqo.md, "Defaults, and why"):
 
 * ``lam = 0.95``: the loss module's default (lambda is unverified). ``lam = 1`` with no importance
-  weights and ``stop_grad_future=True`` is token-level OREO without the KL term (Decision 5).
+  weights and ``stop_grad_future=True`` is token-level OREO without the KL term (docs/dqo.md).
 * ``importance_sampling = True`` with ``is_clip = 1``: DQO's objective carries the trajectory
   ratio (OREO App. C contrasts "DQO without importance sampling" with OREO); OREO's
   re-implementation weight ``w = exp(min(sum_t l_t, 1))``, detached, on ``L_Q`` only.
 * ``stop_grad_future = False``: gradients flow through the future log-ratios inside ``G_{h+1}``,
   as the reconstruction writes it and OREO App. C reads it (the loss module's default).
 * ``beta = 0.03`` (OREO's reproduction) and the ``balanced`` items: OREO's reproduction trained DQO
-  on OREO's data, the only verified DQO number (METHODS sec. 3 "Headline results").
+  on OREO's data, the only checkable DQO number (OREO, arXiv 2412.16145, Table 3).
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ TOKEN_REDUCTIONS = ("mean", "sum")
 
 
 class DQO(ValueOfflineRL):
-    """DQO, reconstructed (METHODS sec. 3). Other arguments: :class:`~lit_reason.methods.oreo.ValueOfflineRL`
+    """DQO, reconstructed (docs/dqo.md). Other arguments: :class:`~lit_reason.methods.oreo.ValueOfflineRL`
     (``beta``, ``critic_lr``, ``critic_lora``, ``value_source``, ``is_clip``, ``selection`` ...) and
     :class:`~lit_reason.methods.offline.OfflineRL`.
 
     Args:
         lam: Lambda of the lambda-returns, in [0, 1] (0.95; unverified).
-        stop_grad_future: Detach the future log-ratios inside the Q target (Decision 5's switch).
+        stop_grad_future: Detach the future log-ratios inside the Q target (docs/dqo.md's switch).
         importance_sampling: Weight ``L_Q`` per sequence by ``exp(min(sum_t l_t, is_clip))``.
         token_reduction: ``mean`` (per-sequence mean over states, OREO's normalisation) or ``sum``
             (the reconstruction's literal ``sum_h``).

@@ -1,4 +1,4 @@
-"""DVO: Direct Value Optimization (METHODS section 4, Decision 6).
+"""DVO: Direct Value Optimization (arXiv 2502.13723; docs/dvo.md).
 
 The policy's summed step log-ratio, scaled by beta, is regressed onto externally estimated value
 differences (:func:`lit_reason.losses.dvo.dvo_loss`)::
@@ -15,7 +15,7 @@ Target sources (one switch, ``target_source``)
     rewards backed up); up to 8 correct and 8 incorrect root-to-leaf paths per prompt,
     ``target_k = Q(node_{k+1}) - Q(node_k)`` (:mod:`lit_reason.rollout.mcts_paths`).
 ``value_model`` (the paper's "outcome value model" alternative)
-    ``samples`` responses per prompt are collected (:func:`lit_reason.commands.collect.collect`);
+    ``samples`` responses per prompt are collected (:func:`lit_reason.data.collect.collect`);
     a :class:`~lit_reason.models.value.ValueModel` on a copy of the policy's trunk is trained by
     MSE on the outcomes (every step-boundary state S_k of a response regressed onto its 2R - 1) and
     supplies V(S_k); ``targets_from_values``.
@@ -35,9 +35,9 @@ The target dataset is built on first use by :mod:`lit_reason.data.dvo_targets` (
 Rounds: :meth:`DVO.refresh_targets` rebuilds the targets with the *current* policy (a new search);
 :class:`lit_reason.callbacks.mcts_refresh.MCTSTargetRefresh` calls it every N epochs and
 :class:`lit_reason.callbacks.rounds.IterativeRounds` at its round boundaries (through
-:meth:`DVO.recollect`). The reference stays the start policy in every round (METHODS lists "whether
-pi_ref is updated per round" as open; a fixed reference keeps resume exact, since the reference is
-never checkpointed).
+:meth:`DVO.recollect`). The reference stays the start policy in every round (whether
+the source updates pi_ref per round is not known, docs/dvo.md; a fixed reference keeps resume
+exact, since the reference is never checkpointed).
 """
 
 
@@ -63,7 +63,7 @@ __all__ = ["DVO", "TARGET_SOURCES"]
 
 
 class DVO(OfflineRL):
-    """DVO (METHODS section 4). Other arguments: :class:`~lit_reason.methods.offline.OfflineRL`
+    """DVO (docs/dvo.md). Other arguments: :class:`~lit_reason.methods.offline.OfflineRL`
     (its ``collect`` is replaced by ``targets``).
 
     Args:

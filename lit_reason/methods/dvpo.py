@@ -1,4 +1,4 @@
-"""DVPO stage 2: PPO-clip with advantages from a frozen global value model (METHODS sec. 5, Decision 7).
+"""DVPO stage 2: PPO-clip with advantages from a frozen global value model (arXiv 2502.16944; docs/dvpo.md).
 
 No reward model and no online critic: the GVM pretrained by stage 1
 (:class:`~lit_reason.methods.dvpo_gvm.DVPOGVM`) is loaded and frozen, and every iteration
@@ -10,18 +10,18 @@ No reward model and no online critic: the GVM pretrained by stage 1
 
 then PPO-clip epochs (:class:`~lit_reason.methods.online.OnlineRL`).
 
-Choices (documented, beyond METHODS):
+Choices (beyond the sources; reasons in docs/dvpo.md):
     * **The end of a response.** Stage 1 trains states s_0 .. s_{m-1}; the target of s_{m-1} is
       exactly the outcome, so ``R^ = V(s_{m-1})`` is the GVM's estimate of the reward. GAE needs a
-      value after the last token: METHODS' "KL-only reward with V = 0 after the end" would give the
+      value after the last token: the source's KL-only reward with V = 0 after the end would give the
       last token ``-V(s_{m-1})`` (punishing responses the GVM likes), so R^ is the terminal reward
       instead (the official trl-based code bootstraps from the value one position past the end,
       the same idea). With ``gamma = lam = 1`` this is ``A_t = R^ - V(s_t)`` plus the KL terms.
     * **Static advantage** reads the GVM *after* token t (Q of the action taken): the value before
       it, V(s_t), does not depend on a_t, so its policy gradient is zero in expectation.
-    * ``use_task_reward`` adds the verifier's outcome (+-1, Decision 1) to the terminal reward of
-      ``gae`` (on top of R^); ``static`` has no reward and refuses it.
-    * beta_kl is fixed (``kl_reward_coef``): METHODS' adaptive controller (horizon 10000) would
+    * ``use_task_reward`` adds the verifier's outcome (+-1, docs/index.md, rewards) to the terminal
+      reward of ``gae`` (on top of R^); ``static`` has no reward and refuses it.
+    * beta_kl is fixed (``kl_reward_coef``): the source's adaptive controller (horizon 10000) would
       move it by < 0.3% per iteration at these batch sizes. The k3 KL in the loss (``kl_coef``) is
       OnlineRL's and is usually 0 here (the KL lives in the reward).
     * Values are whitened over the valid tokens of the global batch (``whiten_values``), as
@@ -33,27 +33,26 @@ it is not in the optimiser, and it is **not** in ``state_dict``: checkpoints hol
 path and fingerprint (the GVM is saved once, as its folder; no copy per checkpoint), and a reload
 re-reads that folder and refuses one whose fingerprint changed.
 
-``gvm: null`` builds stage 1 on first use (:func:`ensure_gvm`): ``recipes/dvpo_gvm.yaml`` run in a
-subprocess with this module's policy and task, into a cache folder keyed by those settings, under
-a file lock with an atomic rename (as :mod:`lit_reason.models.embedded`), so one command runs DVPO
-on a fresh machine and later runs (any seed) reuse the same GVM.
+``gvm: null`` builds stage 1 on first use, in :meth:`DVPO.setup` (:func:`ensure_gvm`; never in the
+constructor): ``recipes/dvpo_gvm.yaml`` runs in a subprocess with this module's policy and task,
+into a cache folder keyed by those settings (:func:`lit_reason.io.build_once`: file lock, build in
+a temporary folder, atomic rename), so one command runs DVPO on a fresh machine and later runs
+(any seed) reuse the same GVM.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lit_reason.io import build_once
 from lit_reason.losses.common import masked_whiten
 from lit_reason.losses.dvpo import DVPO_ADVANTAGE_MODES, dvpo_advantages
 from lit_reason.methods.dvpo_gvm import gvm_response_values, signed_outcomes
@@ -154,34 +153,28 @@ def ensure_gvm(policy: str, task: Any, recipe: str | os.PathLike = "dvpo_gvm.yam
     """
     recipe = resolve_recipe(recipe)
     target = gvm_cache_path(policy, task, recipe, overrides)
-    if (target / VALUE_HEAD_CONFIG).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / VALUE_HEAD_CONFIG).is_file():  # built by another process while we waited
-            return target
-        work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.build-"))
-        try:
-            cmd = [sys.executable, "-m", "lit_reason", "fit", "--config", str(recipe),
-                   "--trainer.default_root_dir", str(work / "run"),
-                   "--model.init_args.policy", str(policy),
-                   "--model.init_args.task", json.dumps(task) if isinstance(task, (dict, str)) else str(task),
-                   "--model.init_args.data", str(target.with_name(target.name + ".data")),
-                   "--trainer.enable_progress_bar", "false", *(overrides or [])]
-            print(f"[lit_reason] DVPO: training the GVM (stage 1) with {recipe} on first use; cached in {target}",
-                  file=sys.stderr, flush=True)
-            from lit_reason.models.embedded import recipes_dir
 
-            proc = subprocess.run(cmd, cwd=recipes_dir().parent)  # the repository root, whatever the recipe's folder
-            export = work / "run" / "gvm"
-            if proc.returncode != 0 or not (export / VALUE_HEAD_CONFIG).is_file():
-                raise RuntimeError(f"DVPO stage 1 failed (exit {proc.returncode}, export {export} "
-                                   f"{'present' if export.exists() else 'missing'}): {' '.join(cmd)}")
-            os.replace(export, target)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    return target
+    def build(work: Path) -> Path:
+        cmd = [sys.executable, "-m", "lit_reason", "fit", "--config", str(recipe),
+               "--trainer.default_root_dir", str(work / "run"),
+               "--model.init_args.policy", str(policy),
+               "--model.init_args.task", json.dumps(task) if isinstance(task, (dict, str)) else str(task),
+               "--model.init_args.data", str(target.with_name(target.name + ".data")),
+               "--trainer.enable_progress_bar", "false", *(overrides or [])]
+        print(f"[lit_reason] DVPO: training the GVM (stage 1) with {recipe} on first use; cached in {target}",
+              file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, cwd=work)  # every path is absolute: any working directory will do
+        export = work / "run" / "gvm"
+        if proc.returncode != 0 or not _is_gvm_folder(export):
+            raise RuntimeError(f"DVPO stage 1 failed (exit {proc.returncode}, export {export} "
+                               f"{'present' if export.exists() else 'missing'}): {' '.join(cmd)}")
+        return export
+
+    return build_once(target, _is_gvm_folder, build)
+
+
+def _is_gvm_folder(path: Path) -> bool:
+    return (path / VALUE_HEAD_CONFIG).is_file()
 
 
 # ---- stage 2 ------------------------------------------------------------------------------------
@@ -194,9 +187,9 @@ class DVPO(OnlineRL):
         gvm_recipe: Stage-1 recipe for ``gvm: null`` (a path, or a name under ``recipes/``).
         gvm_overrides: Extra CLI arguments of that stage-1 run (part of the cache key).
         advantage: ``gae`` (the code; default) or ``static`` (the paper).
-        kl_reward_coef: beta_kl of the per-token KL reward (``gae``; METHODS: init 0.2).
-        gamma: GAE discount (METHODS: 1.0).
-        lam: GAE lambda (METHODS: 0.95).
+        kl_reward_coef: beta_kl of the per-token KL reward (``gae``; source: adaptive, init 0.2).
+        gamma: GAE discount (source: 1.0).
+        lam: GAE lambda (source: 0.95).
         use_task_reward: Add the verifier's +-1 outcome at the last token (``gae`` only).
         whiten_values: Whiten the GVM values over the batch's valid tokens (the code: yes).
     """
@@ -211,28 +204,44 @@ class DVPO(OnlineRL):
             raise ValueError("use_task_reward needs advantage='gae': the static advantage has no reward")
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["task"])
-        hp = self.hparams
-        task = kwargs.get("task", "arithmetic")  # OnlineRL's default; `task` is not a hyper-parameter
-        path = Path(gvm).expanduser() if gvm else ensure_gvm(hp.policy, task, gvm_recipe, gvm_overrides)
-        # the resolved folder goes into the saved hyper-parameters, so a checkpoint reloads this GVM
-        # (never a rebuild, whatever the cache key would be at reload time)
-        self.hparams["gvm"] = str(path)
-        self.gvm = load_gvm(path, self.tokenizer, dtype=hp.dtype)
-        self.gvm_path = str(path)
-        self.gvm_fingerprint = gvm_fingerprint(path)
+        self._gvm_task = kwargs.get("task", "arithmetic")  # OnlineRL's default; `task` is not a hyper-parameter
+        self.gvm = None
         self.value_range = (-1.0, 1.0)  # value-calibration protocol: the GVM predicts +-1 outcomes
         # frozen and saved once (as its folder): keep it out of every checkpoint's state_dict
         self.register_state_dict_post_hook(_drop_gvm_keys)
         self.register_load_state_dict_post_hook(_ignore_missing_gvm_keys)
+        if gvm:  # loading a finished GVM is cheap; building one (gvm: null) waits for setup()
+            self.attach_gvm(Path(gvm).expanduser())
+
+    def setup(self, stage: str) -> None:
+        """Builds stage 1 on first use (``gvm: null``): nothing trains inside the constructor."""
+        super().setup(stage)
+        if self.gvm is None:
+            hp = self.hparams
+            self.attach_gvm(ensure_gvm(hp.policy, self._gvm_task, hp.gvm_recipe, hp.gvm_overrides))
+
+    def attach_gvm(self, path: Path) -> None:
+        """Loads the GVM folder ``path`` frozen and records it for checkpoints."""
+        # the resolved folder goes into the saved hyper-parameters, so a checkpoint reloads this GVM
+        # (never a rebuild, whatever the cache key would be at reload time)
+        self.hparams["gvm"] = str(path)
+        self.gvm = load_gvm(path, self.tokenizer, dtype=self.hparams.dtype)
+        self.gvm_path = str(path)
+        self.gvm_fingerprint = gvm_fingerprint(path)
 
     @property
-    def value_model(self) -> ValueModel:
-        """The GVM (``ExportPolicy(value_dirpath=...)`` exports it)."""
+    def value_model(self) -> ValueModel | None:
+        """The GVM (``ExportPolicy(value_dirpath=...)`` exports it); None until :meth:`setup` builds it."""
         return self.gvm
+
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        frozen = super().frozen_models()
+        return {**frozen, "gvm": self.gvm} if self.gvm is not None else frozen
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.gvm.eval()  # frozen: no dropout, whatever Lightning switches
+        if self.gvm is not None:
+            self.gvm.eval()  # frozen: no dropout, whatever Lightning switches
         return self
 
     # ---- advantages -------------------------------------------------------------------------

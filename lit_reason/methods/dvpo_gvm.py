@@ -1,10 +1,10 @@
-"""DVPO stage 1: pretraining the global value model (GVM) offline (METHODS sec. 5, Decision 7).
+"""DVPO stage 1: pretraining the global value model (GVM) offline (arXiv 2502.16944; docs/dvpo.md).
 
 The GVM is a causal-LM trunk with a scalar head (:class:`~lit_reason.models.value.ValueModel`,
 head with bias, zero-initialised as trl's ``v_head``; optional LoRA), trained by TD(lambda)
 regression on trajectories of the start policy with outcome rewards::
 
-    r_t = 0 except r_last = +1 (correct) / -1 (wrong or truncated)        # Decision 1: DVPO uses +-1
+    r_t = 0 except r_last = +1 (correct) / -1 (wrong or truncated)        # docs/index.md, rewards: DVPO uses +-1
     V_old = V_phi(s_t) with no grad, once per batch                       # the code's "old values"
     G_t = GAE_{gamma, lam}(r, V_old)_t + V_old(t)                          # td_lambda_targets
     L   = 0.5 * masked_mean_tokens((V_phi(s_t) - G_t)^2)                  # gvm_loss, no clipping
@@ -15,7 +15,7 @@ regression on trajectories of the start policy with outcome rewards::
 from each prefix.
 
 Trajectory conditioning: the DVPO paper writes Q_phi(tau, s_t, a_t), conditioned on trajectories
-tau of the policy, but the format is unverified (METHODS sec. 5 "Ambiguities") and the released
+tau of the policy, but the format is unverified (docs/dvpo.md) and the released
 code feeds at most the question. Here the GVM reads the state prefix only (the code's behaviour).
 A fixed context would be a constant prefix (no information), and a per-batch context would make a
 frozen value depend on which trajectories happen to share its batch; neither is worth the cost on
@@ -55,7 +55,7 @@ __all__ = ["DVPOGVM", "signed_outcomes", "gvm_response_values"]
 
 
 def signed_outcomes(rewards: torch.Tensor) -> torch.Tensor:
-    """{0,1} task rewards -> DVPO's {-1,+1} outcomes (Decision 1; a truncated response is -1)."""
+    """{0,1} task rewards -> DVPO's {-1,+1} outcomes (docs/index.md, rewards; a truncated response is -1)."""
     return (rewards > 0).to(torch.float32) * 2.0 - 1.0
 
 
@@ -84,8 +84,8 @@ class DVPOGVM(OfflineRL):
     """Stage 1 of DVPO: the GVM by TD(lambda) regression. Other arguments: :class:`OfflineRL`.
 
     Args:
-        gamma: TD discount (METHODS: 1.0).
-        lam: TD lambda (METHODS: 0.95).
+        gamma: TD discount (source: 1.0).
+        lam: TD lambda (source: 0.95).
         epochs_per_batch: Optimiser steps on each batch's fixed TD targets (the code: 2).
         holdout_fraction: Last fraction of the dataset's prompts kept out of training for the
             ``validate`` metrics (0: no held-out slice, validation is skipped).
@@ -118,6 +118,12 @@ class DVPOGVM(OfflineRL):
         super().train(mode)
         self.policy.eval()  # frozen collecting policy: no dropout ever
         return self
+
+    def trainable_models(self) -> dict[str, torch.nn.Module]:
+        return {"value_model": self.value_model}
+
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        return {"policy": self.policy}
 
     # ---- data: train on the prompts before the held-out slice --------------------------------
     def _split(self, rows: list[dict]) -> tuple[list[dict], list[list[dict]]]:

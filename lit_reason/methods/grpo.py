@@ -1,4 +1,6 @@
-"""GRPO and RLOO: group-relative advantages, PPO-clip + k3 KL (METHODS baselines table).
+"""GRPO and RLOO: group-relative advantages, PPO-clip + k3 KL.
+
+GRPO: arXiv 2402.03300, Sec. 4.1; RLOO: arXiv 2402.14740; see docs/baselines.md.
 
 GRPO: A_i = (R_i - mean_j R_j) / std_j R_j over the G samples of a prompt; RLOO:
 A_i = R_i - mean_{j != i} R_j. Both broadcast one advantage to all tokens of a response, which is
@@ -39,11 +41,13 @@ class GRPO(_GroupBaseline):
 
     Args:
         scale_by_std: Divide by the group std (GRPO); False keeps only the mean baseline.
+        whiten_advantages: Also whiten the token advantages over the global batch (off: the group
+            statistics already normalise). In this signature, not only in ``**kwargs``, so that the
+            CLI resolves this default rather than :class:`OnlineRL`'s.
     """
 
-    def __init__(self, scale_by_std: bool = True, **kwargs) -> None:
-        kwargs.setdefault("whiten_advantages", False)
-        super().__init__(**kwargs)
+    def __init__(self, scale_by_std: bool = True, whiten_advantages: bool = False, **kwargs) -> None:
+        super().__init__(whiten_advantages=whiten_advantages, **kwargs)
         self.save_hyperparameters(ignore=["task"])
         if self.hparams.samples_per_prompt < 2:
             raise ValueError("GRPO needs samples_per_prompt >= 2 (a group baseline of one sample is the sample)")
@@ -54,11 +58,14 @@ class GRPO(_GroupBaseline):
 
 
 class RLOO(_GroupBaseline):
-    """RLOO (leave-one-out baseline). Other arguments: :class:`lit_reason.methods.online.OnlineRL`."""
+    """RLOO (leave-one-out baseline). Other arguments: :class:`lit_reason.methods.online.OnlineRL`.
 
-    def __init__(self, **kwargs) -> None:
-        kwargs.setdefault("whiten_advantages", False)
-        super().__init__(**kwargs)
+    Args:
+        whiten_advantages: As in :class:`GRPO` (off; explicit here so the CLI resolves it).
+    """
+
+    def __init__(self, whiten_advantages: bool = False, **kwargs) -> None:
+        super().__init__(whiten_advantages=whiten_advantages, **kwargs)
         if self.hparams.samples_per_prompt < 2:
             raise ValueError("RLOO needs samples_per_prompt >= 2 (the leave-one-out baseline needs k >= 2)")
 

@@ -1,4 +1,4 @@
-"""The offline loop shared by RFT, DPO, OREO, DQO and DVO (DESIGN sec. 1, "Offline").
+"""The offline loop shared by RFT, DPO, OREO, DQO and DVO (docs/architecture.md).
 
 An offline method trains on a trajectory dataset (:mod:`lit_reason.data.trajectories`): rows of
 prompt, sampled response, step spans, outcome reward and behaviour log-probs. The dataset is
@@ -19,11 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from lit_reason.methods.base import ReasoningModule
 from lit_reason.methods.common import ExampleRows, GreedyAccuracyLoops, as_list, resolve_task, warmup_cosine
 from lit_reason.models.logprobs import pack_states, response_logprobs
 from lit_reason.models.policy import Reference, build_policy
@@ -48,7 +48,7 @@ def check_collect_settings(collect: dict | None) -> dict | None:
     return dict(collect)
 
 
-class OfflineRL(GreedyAccuracyLoops, pl.LightningModule):
+class OfflineRL(GreedyAccuracyLoops, ReasoningModule):
     """Trains the policy on a trajectory dataset; subclasses pick the items and the loss.
 
     Args:
@@ -105,6 +105,7 @@ class OfflineRL(GreedyAccuracyLoops, pl.LightningModule):
         self.save_hyperparameters(ignore=["task"])
         self.task = resolve_task(task)
         self.policy, self.tokenizer = build_policy(policy, dtype=dtype, lora=lora)
+        self.task.use_tokenizer(self.tokenizer)  # chat prompts need the policy's chat template
         self.reference = Reference(self.policy)
         answer_prefix = getattr(self.task, "answer_prefix", None) if merge_answer_line else None
         self.splitter = StepSplitter(splitter, answer_prefix=answer_prefix or None)
@@ -134,7 +135,7 @@ class OfflineRL(GreedyAccuracyLoops, pl.LightningModule):
 
     def collect_dataset(self, policy: Any, output: Path, settings: dict, policy_name: str | None = None) -> Path:
         """Collects (or resumes, or reuses) a dataset with ``policy`` (a name or ``(model, tokenizer)``)."""
-        from lit_reason.commands.collect import collect
+        from lit_reason.data.collect import collect
 
         s = dict(settings)
         return collect(policy, self.task, output, samples=s.pop("samples"), max_new_tokens=self.hparams.max_new_tokens,
@@ -256,8 +257,8 @@ class OfflineRL(GreedyAccuracyLoops, pl.LightningModule):
         """The implicit value increment ``beta * sum_t log pi_theta/pi_ref`` over each partial response.
 
         Under the KL-regularised optimum ``beta * log pi*/pi_ref(a|s) = Q*(s,a) - V*(s)``, so the
-        summed log-ratio of the first k steps is ``V(S_k) - V(S_0)`` (METHODS "Shared building
-        blocks" 4; OREO Fig. 1's A_theta). Returns [N] (0 for an empty partial response).
+        summed log-ratio of the first k steps is ``V(S_k) - V(S_0)`` (docs/dvo.md, "Idea";
+        OREO's Fig. 1 A_theta, arXiv 2412.16145). Returns [N] (0 for an empty partial response).
         """
         out = []
         for start in range(0, len(prompt_ids), chunk):

@@ -1,9 +1,9 @@
-"""The online loop shared by PPO, VinePPO, GRPO and RLOO (DESIGN sec. 1, "Online").
+"""The online loop shared by PPO, VinePPO, GRPO and RLOO (docs/architecture.md).
 
 Each training step is one *iteration*: sample prompts, roll out the current policy, compute
 targets (the method's advantage estimator), then run ``epochs_per_iteration`` epochs of
-minibatch PPO-clip updates over that batch (manual optimisation; METHODS sec. 1 "Whitening and
-loss"). ``trainer.max_steps`` counts optimiser steps, as in the papers.
+minibatch PPO-clip updates over that batch (manual optimisation; docs/vineppo.md).
+``trainer.max_steps`` counts optimiser steps, as in the papers.
 
 Subclasses implement :meth:`compute_advantages` (and, for value calibration, ``state_values``).
 """
@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, RandomSampler
 
 from lit_reason.losses.ppo import ppo_policy_loss
+from lit_reason.methods.base import ReasoningModule
 from lit_reason.methods.common import ExampleRows, GreedyAccuracyLoops, as_list, resolve_task
 from lit_reason.models.logprobs import response_logprobs
 from lit_reason.models.policy import Reference, build_policy
@@ -28,7 +28,7 @@ from lit_reason.rollout.trajectories import rollout
 from lit_reason.steps import StepSplitter
 
 
-class OnlineRL(GreedyAccuracyLoops, pl.LightningModule):
+class OnlineRL(GreedyAccuracyLoops, ReasoningModule):
     """Rollout -> targets -> PPO-clip epochs; the advantage estimator is the subclass's.
 
     Args:
@@ -100,6 +100,7 @@ class OnlineRL(GreedyAccuracyLoops, pl.LightningModule):
         self.automatic_optimization = False
         self.task = resolve_task(task)
         self.policy, self.tokenizer = build_policy(policy, dtype=dtype, lora=lora)
+        self.task.use_tokenizer(self.tokenizer)  # chat prompts need the policy's chat template
         self.reference = Reference(self.policy)
         answer_prefix = getattr(self.task, "answer_prefix", None) if merge_answer_line else None
         self.splitter = StepSplitter(splitter, answer_prefix=answer_prefix)
@@ -148,21 +149,24 @@ class OnlineRL(GreedyAccuracyLoops, pl.LightningModule):
 
     def training_step(self, examples: list[dict], batch_idx: int) -> None:
         hp = self.hparams
-        traj = self.collect(examples)
+        with self.rollout_phase():  # FSDP: parameters gathered once for rollouts and targets
+            traj = self.collect(examples)
+            any_finished = self._any_rank(bool(traj.finished.any()))
+            if any_finished:
+                traj.advantages = self.compute_advantages(traj).detach()
         stats = {
             "train/reward": traj.rewards.mean(),
             "train/finished": traj.finished.float().mean(),
             "train/response_tokens": traj.response_mask.sum(-1).mean(),
             "train/num_steps": traj.num_steps.float().mean(),
         }
-        if not bool(traj.finished.any()):
+        if not any_finished:
             # nothing to learn from: every response was cut at max_new_tokens (documented skip)
             self.skipped_iterations += 1
             rank_zero_warn(f"iteration {batch_idx}: no response finished within max_new_tokens="
                            f"{hp.max_new_tokens}; skipping its update ({self.skipped_iterations} skipped so far)")
             self.log_dict({**stats, "train/skipped_iterations": float(self.skipped_iterations)})
             return None
-        traj.advantages = self.compute_advantages(traj).detach()
         opt = self.optimizers()
         sums: dict[str, float] = defaultdict(float)
         n = 0
@@ -196,6 +200,14 @@ class OnlineRL(GreedyAccuracyLoops, pl.LightningModule):
         self.log_dict(stats, prog_bar=False)
         self.log("reward", traj.rewards.mean(), prog_bar=True)
         return None
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank: every rank must take the same number of optimiser steps
+        (their gradient reductions are collectives), so a skip is decided for all ranks together."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        return bool(self.trainer.strategy.reduce(t, reduce_op="sum") > 0)
 
     def configure_optimizers(self):
         hp = self.hparams

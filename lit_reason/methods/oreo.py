@@ -1,9 +1,9 @@
-"""OREO: Offline REasoning Optimization (METHODS section 2; Decision 4) as a LightningModule.
+"""OREO: Offline REasoning Optimization (arXiv 2412.16145; docs/oreo.md) as a LightningModule.
 
 A policy pi_theta and a **separate** value model V_phi (a copy of the start policy's trunk with a
 zero-initialised, bias-free scalar head) are trained on an offline trajectory dataset with the
 soft-Bellman losses of :mod:`lit_reason.losses.oreo` (paper Eqs. 8-9; token level by default, step
-and response level as options). Per batch, exactly as METHODS section 2 "Update order":
+and response level as options). Per batch, exactly as docs/oreo.md:
 
 1. critic step: ``L_V`` (Eq. 8) with ``A_t`` from the *current* policy under no grad, then the
    critic's own AdamW step (betas 0.9/0.95, warmup-cosine, gradient clip);
@@ -19,8 +19,8 @@ log-probs computed once serve both steps exactly.
 model, the two optimisers and their order, item selection, importance weights and the value
 calibration protocol (``state_values``, explicit or implicit values).
 
-Rewards are the dataset's outcome rewards, {0, 1} for the built-in tasks (METHODS sec. 2, "MDP and
-reward": math uses ``--rew_mul 1 --rew_add 0``), hence ``value_range = (0, 1)``.
+Rewards are the dataset's outcome rewards, {0, 1} for the built-in tasks (as OREO's math runs,
+docs/oreo.md), hence ``value_range = (0, 1)``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from lit_reason.models.value import ValueModel
 from lit_reason.rollout.batch import TrajectoryBatch
 
 MODES = ("token", "step", "response")
-ALPHA_BY_MODE = {"token": 0.01, "step": 0.1, "response": 0.3}  # METHODS sec. 2, "Objective" / "Variants"
+ALPHA_BY_MODE = {"token": 0.01, "step": 0.1, "response": 0.3}  # docs/oreo.md / "Variants"
 VALUE_SOURCES = ("explicit", "implicit")
 SELECTIONS = ("balanced", "all")
 
@@ -80,7 +80,7 @@ class ValueOfflineRL(OfflineRL):
     every batch makes **two** (critic and policy), so ``max_steps: 2`` trains on one batch.
 
     Args:
-        beta: KL coefficient of the log-ratio (METHODS: 0.03). Must be > 0.
+        beta: KL coefficient of the log-ratio (source: 0.03). Must be > 0.
         critic_lr: Value-model learning rate (None: ``lr``; OREO 7B with critic LoRA: 1e-4).
         critic_lora: LoRA arguments for the value model's trunk (OREO 7B: r 64, alpha 64,
             all-linear); None trains it fully.
@@ -88,13 +88,13 @@ class ValueOfflineRL(OfflineRL):
             last token of the state; ``implicit`` = ``V_phi(S_0) + beta * sum log pi/pi_ref`` of the
             partial response (OREO Fig. 1's implicit value). Run twice to compare them.
         importance_sampling: Weight each sequence's policy loss by
-            ``w = exp(min(sum_t l_t, is_clip))``, detached (METHODS sec. 2/3; OREO's
+            ``w = exp(min(sum_t l_t, is_clip))``, detached (docs/oreo.md, docs/dqo.md; OREO's
             ``--importance_sampling``).
-        is_clip: The clip ``c`` of the summed log-ratio in ``w`` (METHODS: 1).
+        is_clip: The clip ``c`` of the summed log-ratio in ``w`` (source: 1).
         selection: Training items: ``balanced`` (OREO's per-prompt rule,
             :func:`~lit_reason.data.selection.balanced_selection`) or ``all`` rows.
-        max_pos: Positives kept per prompt at most (balanced; METHODS 7B: 4).
-        max_neg: Negatives kept per prompt at most (balanced; METHODS 7B: 4).
+        max_pos: Positives kept per prompt at most (balanced; the paper's 7B setting: 4).
+        max_neg: Negatives kept per prompt at most (balanced; the paper's 7B setting: 4).
     """
 
     value_range = (0.0, 1.0)
@@ -126,9 +126,12 @@ class ValueOfflineRL(OfflineRL):
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["task"])
         self.automatic_optimization = False  # two optimisers, stepped in a fixed order
-        # METHODS sec. 2 "Models": a separate LM from the same start policy, head Linear(h, 1, bias=False) at 0
+        # docs/oreo.md: a separate LM from the same start policy, head Linear(h, 1, bias=False) at 0
         self.value_model = ValueModel.from_policy_name(self.hparams.policy, dtype=self.hparams.dtype,
                                                        lora=critic_lora, bias=False, zero_init=True)
+
+    def trainable_models(self) -> dict[str, torch.nn.Module]:
+        return {**super().trainable_models(), "value_model": self.value_model}
 
     # ---- items ------------------------------------------------------------------------------
     def select_items(self, rows: list[dict]) -> list[dict]:
@@ -158,7 +161,7 @@ class ValueOfflineRL(OfflineRL):
         """One forward of policy, reference and value model on a batch (see :class:`BatchForward`).
 
         The policy's log-probs keep their graph: the critic step reads them detached (the current
-        policy's ``A_t`` under no grad, METHODS sec. 2) and the policy step, which follows, back-
+        policy's ``A_t`` under no grad, docs/oreo.md) and the policy step, which follows, back-
         propagates through them; the critic step changes no policy parameter in between.
         """
         resp = b.response_ids
@@ -168,7 +171,7 @@ class ValueOfflineRL(OfflineRL):
         if self._uses_kl:
             ref_logits = self.reference.logits(b.input_ids, b.attention_mask, b.prompt_len)
             ref_logp = gather_logprobs(ref_logits, resp)
-            kl = full_kl(logits, ref_logits)  # exact over the vocabulary (METHODS: --unbiased_kl)
+            kl = full_kl(logits, ref_logits)  # exact over the vocabulary (source: --unbiased_kl)
         else:
             ref_logp = self.reference.logprobs(b.input_ids, b.attention_mask, b.prompt_len)
         del logits
@@ -192,7 +195,7 @@ class ValueOfflineRL(OfflineRL):
             self.log_data_stats()
         b = self.to_batch(rows)
         fwd = self.forward_batch(b)
-        # 1. critic (optimiser 0), 2. policy (optimiser 1): METHODS sec. 2 "Update order"
+        # 1. critic (optimiser 0), 2. policy (optimiser 1): docs/oreo.md
         critic_loss, critic_metrics = self.critic_loss(b, fwd)
         self._optimizer_step(0, critic_loss)
         policy_loss, policy_metrics = self.policy_loss(b, fwd)
@@ -217,7 +220,7 @@ class ValueOfflineRL(OfflineRL):
         return int(batches)
 
     def configure_optimizers(self):
-        """``(critic, policy)``: two AdamW (betas 0.9/0.95) with warmup-cosine (METHODS sec. 2)."""
+        """``(critic, policy)``: two AdamW (betas 0.9/0.95) with warmup-cosine (docs/oreo.md)."""
         critic_lr = self.hparams.critic_lr if self.hparams.critic_lr is not None else self.hparams.lr
         critic = self.make_optimizer([p for p in self.value_model.parameters() if p.requires_grad], critic_lr)
         policy = self.make_optimizer([p for p in self.policy.parameters() if p.requires_grad], self.hparams.lr)
@@ -231,7 +234,7 @@ class ValueOfflineRL(OfflineRL):
         ``explicit``: V_phi at the last token of S = prompt ++ partial (what beam search reads; a
         terminal state ending with EOS is read at the token before it, as beam search does).
         ``implicit``: ``V_phi(S_0) + beta * sum_t l_t`` over the partial response: the soft Bellman
-        equation with zero intermediate reward, ``V(s_{t+1}) = V(s_t) + beta * l_t`` (METHODS sec. 2
+        equation with zero intermediate reward, ``V(s_{t+1}) = V(s_t) + beta * l_t`` (docs/oreo.md
         Eq. 3), telescoped from the prompt's explicit value (OREO Fig. 1, A_theta).
         """
         pad = self.tokenizer.pad_token_id
@@ -243,7 +246,7 @@ class ValueOfflineRL(OfflineRL):
 
 
 class OREO(ValueOfflineRL):
-    """OREO (METHODS sec. 2, Decision 4). Other arguments: :class:`ValueOfflineRL`, :class:`OfflineRL`.
+    """OREO (docs/oreo.md). Other arguments: :class:`ValueOfflineRL`, :class:`OfflineRL`.
 
     Losses (:mod:`lit_reason.losses.oreo`), by ``mode``:
 
@@ -258,7 +261,7 @@ class OREO(ValueOfflineRL):
     Args:
         mode: ``token``, ``step`` or ``response``.
         alpha: Weight of the exact-KL regulariser; None: 0.01 / 0.1 / 0.3 for token / step /
-            response (METHODS sec. 2). 0 skips the reference logits.
+            response (docs/oreo.md). 0 skips the reference logits.
     """
 
     def __init__(self, mode: str = "token", alpha: float | None = None, **kwargs) -> None:

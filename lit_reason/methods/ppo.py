@@ -1,4 +1,4 @@
-"""PPO with a learned critic and GAE: VinePPO's baseline (METHODS sec. 1 "PPO baseline", decision 3).
+"""PPO with a learned critic and GAE: VinePPO's baseline (arXiv 1707.06347, 1506.02438; docs/baselines.md).
 
 The critic is a separate LM with a scalar head initialised from the policy checkpoint, trained
 jointly with the clipped value loss 0.5 * masked_mean(max((V-G)^2, (clip(V, V_old +- c) - G)^2)).
@@ -32,6 +32,9 @@ class PPO(OnlineRL):
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["task"])
         self.critic = ValueModel.from_policy_name(self.hparams.policy, dtype=self.hparams.dtype, lora=self.hparams.lora)
+
+    def trainable_models(self) -> dict[str, torch.nn.Module]:
+        return {**super().trainable_models(), "critic": self.critic}
 
     def critic_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.critic.parameters() if p.requires_grad]

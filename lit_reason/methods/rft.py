@@ -1,4 +1,4 @@
-"""Rejection-sampling fine-tuning (RFT; METHODS baselines table, row *RFT / rejection sampling*).
+"""Rejection-sampling fine-tuning (RFT; docs/baselines.md).
 
 Sample N responses per training prompt from the start policy, keep the correct ones (R = 1), SFT
 on them: ``-masked_mean_tokens log pi_theta(y | x)`` (:func:`lit_reason.losses.sft_loss`). With

@@ -1,16 +1,16 @@
-"""Supervised fine-tuning on a task's gold solutions (METHODS baselines table, row SFT)."""
+"""Supervised fine-tuning on a task's gold solutions (docs/baselines.md)."""
 
 from __future__ import annotations
 
 from functools import partial
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
 from lit_reason.data.sft import SFTDataset, collate_sft
 from lit_reason.losses.sft import sft_loss
+from lit_reason.methods.base import ReasoningModule
 from lit_reason.methods.common import resolve_task, warmup_cosine
 from lit_reason.models.logprobs import gather_logprobs
 from lit_reason.models.policy import build_policy
@@ -22,7 +22,7 @@ def shifted_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return gather_logprobs(logits, input_ids[:, 1:])
 
 
-class SFT(pl.LightningModule):
+class SFT(ReasoningModule):
     """Trains the policy on ``task.prompt(x) + task.reference_solution(x) + EOS``.
 
     Args:
@@ -59,6 +59,7 @@ class SFT(pl.LightningModule):
         self.save_hyperparameters(ignore=["task"])
         self.task = resolve_task(task)
         self.policy, self.tokenizer = build_policy(policy, dtype=dtype, lora=lora, tiny=tiny)
+        self.task.use_tokenizer(self.tokenizer)  # chat prompts need the policy's chat template
 
     def _dataset(self, split: str, limit: int | None = None) -> SFTDataset:
         examples = self.task.examples(split)[:limit]

@@ -1,10 +1,10 @@
-"""VinePPO: PPO whose advantages come from Monte Carlo values at each step (METHODS sec. 1).
+"""VinePPO: PPO whose advantages come from Monte Carlo values at each step (arXiv 2410.01679).
 
 No critic. For every step-boundary state S_k of every sampled response,
 V(S_k) = (1/K) sum_j R(eta_j) with eta_j ~ pi_theta(.|S_k) (K fresh continuations, the prefix
 encoded once for all K); identical prefixes share one estimate. Then
 A_k = r_k + V(S_{k+1}) - V(S_k) with V(S_T) = 0 and r_{T-1} = R (gamma = 1), broadcast to the
-step's tokens, whitened over the global batch, and used in PPO-clip + k3 KL (METHODS decision 3).
+step's tokens, whitened over the global batch, and used in PPO-clip + k3 KL (docs/vineppo.md).
 """
 
 from __future__ import annotations

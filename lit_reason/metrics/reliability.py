@@ -8,13 +8,13 @@ inside the function so that importing :mod:`lit_reason.metrics` stays cheap.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from lit_reason.io import atomic_file
 
 __all__ = ["plot_reliability"]
 
@@ -115,17 +115,6 @@ def plot_reliability(
     fig.tight_layout()
 
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a plot is meant to be readable like any file
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(dest, "wb") as fh:
+        fig.savefig(fh, format="png")
     return dest

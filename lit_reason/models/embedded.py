@@ -9,13 +9,13 @@ makes the second process wait instead of training the same model twice.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
+from importlib import resources
 from pathlib import Path
+
+from lit_reason.io import build_once
 
 CACHE_ENV = "LIT_REASON_CACHE"
 # bump when the recipe or the tiny model changes, so stale caches are not reused
@@ -29,8 +29,18 @@ def cache_dir() -> Path:
 
 
 def recipes_dir() -> Path:
-    """The repository's ``recipes/`` folder (beside the package)."""
-    return Path(__file__).resolve().parents[2] / "recipes"
+    """The shipped recipes: ``lit_reason/recipes`` inside the installed package.
+
+    In the repository that folder links to the top-level ``recipes/``; a wheel or a
+    non-editable install carries a copy (``package-data`` in ``pyproject.toml``), so the
+    recipes are found from any working directory.
+    """
+    return Path(str(resources.files("lit_reason") / "recipes"))
+
+
+def fragments_dir() -> Path:
+    """The shipped config fragments (the repository's top-level ``callbacks/*.yaml``)."""
+    return Path(str(resources.files("lit_reason") / "fragments"))
 
 
 def embedded_path(task: str) -> Path:
@@ -48,39 +58,35 @@ def ensure_embedded(task: str) -> Path:
     """
     if task not in RECIPES:
         raise ValueError(f"unknown embedded policy 'embedded:{task}'; known: " + ", ".join(f"embedded:{t}" for t in RECIPES))
-    target = embedded_path(task)
-    if (target / "config.json").is_file():
-        return target
-    root = cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").is_file():  # built by another process while we waited
-            return target
-        _build(task, target)
-    return target
+    return build_once(embedded_path(task), _is_policy_folder, lambda work: _build(task, work))
 
 
-def _build(task: str, target: Path) -> None:
+def _is_policy_folder(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _build(task: str, work: Path) -> Path:
+    """Trains ``embedded:<task>`` with its recipe in ``work``; returns the exported policy folder.
+
+    The subprocess runs in ``work``, so nothing depends on the caller's working directory and no
+    relative path of the recipe writes outside the build folder.
+    """
     recipe = recipes_dir() / RECIPES[task]
     if not recipe.is_file():
         raise FileNotFoundError(f"cannot build embedded:{task}: recipe {recipe} is missing")
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.build-"))
-    try:
-        export = work / "policy"
-        fragment = work / "export.yaml"
-        fragment.write_text(
-            "trainer:\n"
-            f"  default_root_dir: {work / 'run'}\n"
-            "  callbacks+:\n"
-            "    - class_path: lit_reason.callbacks.ExportPolicy\n"
-            f"      init_args: {{dirpath: {export}}}\n"
-        )
-        print(f"[lit_reason] building embedded:{task} with {recipe} (first use; cached in {target})", file=sys.stderr)
-        cmd = [sys.executable, "-m", "lit_reason", "fit", "--config", str(recipe), "--config", str(fragment)]
-        proc = subprocess.run(cmd, cwd=recipe.parent.parent)
-        if proc.returncode != 0 or not (export / "config.json").is_file():
-            raise RuntimeError(f"building embedded:{task} failed (exit {proc.returncode}): {' '.join(cmd)}")
-        os.replace(export, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    export = work / "policy"
+    fragment = work / "export.yaml"
+    fragment.write_text(
+        "trainer:\n"
+        f"  default_root_dir: {work / 'run'}\n"
+        "  callbacks+:\n"
+        "    - class_path: lit_reason.callbacks.ExportPolicy\n"
+        f"      init_args: {{dirpath: {export}}}\n"
+    )
+    print(f"[lit_reason] building embedded:{task} with {recipe} (first use; cached in {embedded_path(task)})",
+          file=sys.stderr)
+    cmd = [sys.executable, "-m", "lit_reason", "fit", "--config", str(recipe), "--config", str(fragment)]
+    proc = subprocess.run(cmd, cwd=work)
+    if proc.returncode != 0 or not _is_policy_folder(export):
+        raise RuntimeError(f"building embedded:{task} failed (exit {proc.returncode}): {' '.join(cmd)}")
+    return export

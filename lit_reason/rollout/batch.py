@@ -14,21 +14,25 @@ Layout (B sequences, prompts left-padded to P tokens, responses right-padded to 
 
 Optional per-token/per-step tensors (``old_logprobs``, ``ref_logprobs``, ``step_values``,
 ``advantages``, ``returns``, ``old_values``) are filled by the targets stage of each method.
+A new method's own per-row data goes into ``extras`` (name -> tensor with the batch as its first
+dimension: ``[B]``, ``[B, L]``, ``[B, S]`` ...), which ``to``, ``select``, ``concat``, ``save`` and
+``load`` handle like the fields above, so adding a method never adds a field here.
 
-On disk (``save``/``load``) a batch is one ``torch.save`` file of a dict of tensors and lists with a
-``format`` version key, written to a temp file and renamed so a crash never leaves half a file.
+On disk (``save``/``load``) a batch is one ``torch.save`` file of a dict of tensors, numbers,
+strings and lists with a ``format`` version key, read back with ``weights_only=True`` (no
+arbitrary pickled objects), written to a temp file and renamed so a crash never leaves half a file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from lit_reason.io import atomic_file
 
 FORMAT_VERSION = 1
 _OPTIONAL_TENSORS = ("old_logprobs", "ref_logprobs", "step_values", "advantages", "returns", "old_values")
@@ -57,6 +61,7 @@ class TrajectoryBatch:
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -78,6 +83,7 @@ class TrajectoryBatch:
             for f in dataclasses.fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
+        changes["extras"] = {k: v.to(device) for k, v in self.extras.items()}
         return dataclasses.replace(self, **changes)
 
     def select(self, index: torch.Tensor | list[int]) -> "TrajectoryBatch":
@@ -90,6 +96,7 @@ class TrajectoryBatch:
                 changes[f.name] = value[idx.to(value.device)]
             elif isinstance(value, list) and value:
                 changes[f.name] = [value[i] for i in idx.tolist()]
+        changes["extras"] = {k: v[idx.to(v.device)] for k, v in self.extras.items()}
         return dataclasses.replace(self, **changes)
 
     def state_dict(self) -> dict[str, Any]:
@@ -100,29 +107,22 @@ class TrajectoryBatch:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the batch atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(self.to("cpu").state_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(path, "wb") as fh:
+            torch.save(self.to("cpu").state_dict(), fh)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrajectoryBatch":
         """Reads a batch written by :meth:`save`; a foreign or truncated file gets a clear error."""
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # truncated pickles raise several types
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated files and foreign objects raise several types
             raise ValueError(f"trajectory file {path} is unreadable (truncated or not a lit_reason batch): {err}") from err
         if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
             raise ValueError(f"trajectory file {path} has no lit_reason format {FORMAT_VERSION} header")
         state.pop("format")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = [n for n in names if n not in state and n not in _OPTIONAL_TENSORS and n not in ("prompts", "responses", "examples")]
+        missing = [n for n in names if n not in state and n not in _OPTIONAL_TENSORS
+                   and n not in ("prompts", "responses", "examples", "extras")]
         if missing:
             raise ValueError(f"trajectory file {path} lacks fields {missing}")
         return cls(**{k: v for k, v in state.items() if k in names})
@@ -161,6 +161,7 @@ class TrajectoryBatch:
             for name, value in row.items():
                 parts.setdefault(name, []).append(value)
         out: dict[str, Any] = {k: torch.cat(v) for k, v in parts.items()}
+        out["extras"] = _concat_extras(batches, pad)
         for name in _OPTIONAL_TENSORS:
             if name in out and len(parts[name]) != len(batches):
                 raise ValueError(f"cannot concat: only some batches carry {name}")
@@ -175,3 +176,19 @@ class TrajectoryBatch:
         for name in ("prompts", "responses", "examples"):
             out[name] = [x for b in batches for x in getattr(b, name)]
         return TrajectoryBatch(prompt_len=P, **out)
+
+
+def _concat_extras(batches: list[TrajectoryBatch], pad) -> dict[str, torch.Tensor]:
+    """Concatenates every ``extras`` entry; ``[B, W, ...]`` ones are right-padded with 0 to the widest."""
+    names = set(batches[0].extras)
+    for b in batches[1:]:
+        if set(b.extras) != names:
+            raise ValueError(f"cannot concat: extras differ ({sorted(names)} vs {sorted(b.extras)})")
+    out = {}
+    for name in sorted(names):
+        values = [b.extras[name] for b in batches]
+        if values[0].dim() >= 2:
+            width = max(v.shape[1] for v in values)
+            values = [pad(v, width, 0) for v in values]
+        out[name] = torch.cat(values)
+    return out

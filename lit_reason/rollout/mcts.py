@@ -1,4 +1,4 @@
-"""Step-level Monte Carlo tree search for DVO's value targets (METHODS section 4, Decision 6).
+"""Step-level Monte Carlo tree search for DVO's value targets (docs/dvo.md).
 
 The tree
 --------
@@ -96,7 +96,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,6 +103,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from lit_reason.io import atomic_write_json
 from lit_reason.models.logprobs import pack_states, response_logprobs
 from lit_reason.rollout.next_step import sample_next_steps
 from lit_reason.rollout.sampler import RolloutEngine, eval_mode
@@ -626,20 +626,7 @@ def save_trees(path: str | os.PathLike, trees: Sequence[SearchTree], meta: dict 
             for t in trees
         ],
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, ensure_ascii=False, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_json(path, payload, ensure_ascii=False, allow_nan=False)
 
 
 def load_trees(path: str | os.PathLike, return_meta: bool = False):

@@ -1,4 +1,5 @@
-"""DVO training rows from MCTS trees (METHODS section 4, "Targets from MCTS", Extraction 1-3, 5).
+"""DVO training rows from MCTS trees (docs/dvo.md, "Targets"; the extraction of
+the DVO authors' released code, arXiv 2502.13723).
 
 1. List every root-to-leaf path that ends in a terminal leaf of an allowed status (by default
    ``"end"``: the response ended with EOS or a final answer; truncated, too-deep and dead-end
@@ -9,7 +10,7 @@
    N over its nodes, root included), from a generator seeded by ``(seed, prompt_index)``, so the
    choice for one prompt does not depend on the others.
 3. Drop prompts that have no correct path (counted in :class:`ExtractionStats`).
-4. Per-step targets ``Q(node_{k+1}) - Q(node_k)`` for steps k = 0..T-1 (METHODS' 1-based
+4. Per-step targets ``Q(node_{k+1}) - Q(node_k)`` for steps k = 0..T-1 (the source's 1-based
    ``Q(node_k) - Q(node_{k-1})``), node 0 = the root and the last node's Q = its terminal reward
    R (+-1), computed by :func:`lit_reason.losses.dvo.targets_from_q`; they telescope to
    ``R - Q(root)``.

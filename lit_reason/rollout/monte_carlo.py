@@ -1,4 +1,4 @@
-"""Monte Carlo state values: V(S) = mean outcome of K fresh continuations of S (METHODS sec. 1).
+"""Monte Carlo state values: V(S) = mean outcome of K fresh continuations of S (docs/vineppo.md).
 
 States are step-boundary prefixes S_k = x ++ sigma_0 ++ ... ++ sigma_{k-1} of sampled responses
 (S_0 = the prompt). Identical prefixes are de-duplicated and share one estimate, so S_0 is rolled

@@ -41,8 +41,8 @@ def build_batch(
 ) -> TrajectoryBatch:
     """Assembles generations (prompt-major, ``k`` per prompt) into a graded batch.
 
-    Truncated responses (no EOS or stop string within the length limit) earn reward 0 (METHODS
-    decision 1), whatever their text says. An empty generation (length limit 0) is rejected.
+    Truncated responses (no EOS or stop string within the length limit) earn reward 0
+    (docs/index.md, rewards), whatever their text says. An empty generation (length limit 0) is rejected.
     """
     n = len(prompt_ids)
     if len(generations) != n * k:

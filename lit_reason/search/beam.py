@@ -1,11 +1,11 @@
-"""Value-guided step-level beam search: OREO's test-time search (METHODS section 2, decision 4).
+"""Value-guided step-level beam search: OREO's test-time search (arXiv 2412.16145, Sec. 4.4; docs/oreo.md).
 
 The search works with *any* value of a token prefix: OREO's or DQO's value model, DVPO's global
 value model, a PPO critic, Monte Carlo estimates. It only needs ``value_fn``, a callable from full
 token sequences (prompt ++ partial response) to one value each; :func:`value_model_fn` adapts a
 :class:`~lit_reason.models.value.ValueModel`.
 
-Algorithm, as in METHODS section 2 "Test-time search"::
+Algorithm, as in docs/oreo.md::
 
     beams = [prompt]
     for round in range(max_steps):
@@ -35,7 +35,8 @@ Details that the source leaves open, decided here:
   neither extended nor put in the pool (it counts in ``truncated``).
 * Fallback: when a prompt's pool is still empty at the end (``max_steps`` reached, or every
   candidate truncated), its result is the highest-valued unfinished candidate of its last round,
-  with ``finish="length"`` (``fallback`` is True). Graders count it as wrong (METHODS decision 1).
+  with ``finish="length"`` (``fallback`` is True). Graders count it as wrong
+  (docs/index.md, rewards).
 
 Batching: every round makes one ``engine.sample`` call over all beams of all prompts still
 searching (``k = B`` continuations each, prefix-major) and one ``value_fn`` call over all their

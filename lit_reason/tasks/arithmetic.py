@@ -25,6 +25,16 @@ _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a 
 # read it as 41 (or, backtracking, as 4).
 _INTEGER_RE = re.compile(r"[ \t]*([+-]?)[ \t]*(\d+)(?!\d|\.\d)")
 
+# The final-answer cues real instruct models write: "Answer: 12", "the answer is 12.", "The answer
+# is: 12", "#### 12", "\boxed{12}" (markdown bold and "$" around the number are skipped). The LAST
+# cue in a response holds the answer.
+_ANSWER_CUE_RE = re.compile(r"(?:(?<![A-Za-z])[Aa]nswer(?:\s+is)?[ \t]*:?|####|\\boxed\s*\{)[ \t*$]*")
+
+DEFAULT_CHAT_INSTRUCTION = (
+    "Evaluate the expression from left to right, one operation per line, and end with the line 'Answer: N'."
+)
+CHAT_EXAMPLE = ("Compute: 2+5-3", "2+5=7\n7-3=4\nAnswer: 4")
+
 
 def evaluate_chain(operands: list[int], operators: list[str]) -> list[int]:
     """Returns the running values of a left-to-right chain: one per operator.
@@ -58,6 +68,9 @@ class ArithmeticTask(Task):
         n_train: Rows in the train split.
         n_validation: Rows in the validation split.
         n_test: Rows in the test split.
+        prompt_format: ``plain`` (``Compute: 12+34-5\\n``, the default), ``chat`` or a dict (see
+            :mod:`lit_reason.tasks.prompt_format`); chat prompts ask for the plain format's
+            response (default instruction: a one-shot example).
 
     The three splits have pairwise distinct questions. Test is drawn first, then validation,
     then train, so changing ``n_train`` leaves test and validation unchanged.
@@ -65,6 +78,8 @@ class ArithmeticTask(Task):
 
     name = "arithmetic"
     answer_prefix = "Answer:"
+    chat_instruction = DEFAULT_CHAT_INSTRUCTION
+    chat_example = CHAT_EXAMPLE
 
     def __init__(
         self,
@@ -75,7 +90,9 @@ class ArithmeticTask(Task):
         n_train: int = 20000,
         n_validation: int = 500,
         n_test: int = 500,
+        prompt_format: str | dict | None = None,
     ):
+        self.set_prompt_format(prompt_format)
         self.seed = seed
         self.min_operands, self.max_operands = self._check_num_operands(num_operands)
         if isinstance(digits, bool) or not isinstance(digits, int) or digits < 1:
@@ -164,7 +181,7 @@ class ArithmeticTask(Task):
             self._rows = self._generate()
         return self._rows[split]
 
-    def prompt(self, example: dict) -> str:
+    def plain_prompt(self, example: dict) -> str:
         """Returns ``"Compute: {question}\\n"``."""
         return f"Compute: {self._field(example, 'question')}\n"
 
@@ -185,11 +202,15 @@ class ArithmeticTask(Task):
         return str(self._field(example, "answer"))
 
     def extract_answer(self, text: str) -> str | None:
-        """Returns the integer after the LAST ``Answer:``, normalised (``"+041"`` -> ``"41"``), or None."""
-        last = text.rfind(self.answer_prefix)
-        if last < 0:
+        """Returns the integer after the LAST answer cue, normalised (``"+041"`` -> ``"41"``), or None.
+
+        Cues: ``Answer: N`` (the gold format), ``the answer is N.``, ``The answer is: N``, ``#### N``,
+        ``\\boxed{N}``. When the last cue holds no integer there is no answer, even if an earlier one did.
+        """
+        cues = list(_ANSWER_CUE_RE.finditer(text))
+        if not cues:
             return None
-        match = _INTEGER_RE.match(text, last + len(self.answer_prefix))
+        match = _INTEGER_RE.match(text, cues[-1].end())
         if match is None:  # the last answer line holds no integer: no answer, even if earlier ones did
             return None
         sign, digits = match.groups()
@@ -240,5 +261,5 @@ class ArithmeticTask(Task):
         return (
             f"ArithmeticTask(seed={self.seed}, num_operands={(lo, hi)}, digits={self.digits}, "
             f"operators={self.operators!r}, n_train={self.sizes['train']}, "
-            f"n_validation={self.sizes['validation']}, n_test={self.sizes['test']})"
+            f"n_validation={self.sizes['validation']}, n_test={self.sizes['test']}{self._format_repr()})"
         )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lit_reason.paths import ENV_VAR, default_data_dir
 from lit_reason.tasks.jsonl import read_jsonl, require_field
+from lit_reason.tasks.prompt_format import PromptFormat, check_chat_tokenizer, resolve_prompt_format
 
 SPLITS = ("train", "validation", "test")
 
@@ -17,10 +18,18 @@ class Task(ABC):
     Attributes:
         name: Registry name of the task.
         answer_prefix: Text that opens the final-answer line in gold solutions.
+        chat_instruction: The instruction a chat prompt puts before the question (see
+            :mod:`lit_reason.tasks.prompt_format`).
+        chat_example: A worked ``(question, response)`` shown first in one-shot chat prompts.
+        prompt_format: Plain (default) or chat prompts; set with :meth:`set_prompt_format`.
     """
 
     name: str = ""
     answer_prefix: str = ""
+    chat_instruction: str = ""
+    chat_example: tuple[str, str] | None = None  # a worked (question, response) for one-shot chat prompts
+    prompt_format: PromptFormat = PromptFormat()
+    _chat_tokenizer = None  # the policy's tokenizer, bound by use_tokenizer for chat prompts
 
     @abstractmethod
     def examples(self, split: str) -> list[dict]:
@@ -30,9 +39,47 @@ class Task(ABC):
             ValueError: ``split`` is unknown or not available for this task's data.
         """
 
-    @abstractmethod
     def prompt(self, example: dict) -> str:
-        """Returns the model input for ``example``; it ends with ``"\\n"``, where the response begins."""
+        """Returns the model input for ``example``, where the response begins.
+
+        Plain format: :meth:`plain_prompt` (ends with ``"\\n"``). Chat format: the question in the
+        tokenizer's chat template, ending with the assistant turn's opening (the tokenizer must have
+        been bound with :meth:`use_tokenizer`).
+        """
+        if not self.prompt_format.is_chat:
+            return self.plain_prompt(example)
+        if self._chat_tokenizer is None:
+            raise RuntimeError(f"{self.name} task: prompt_format chat needs the policy's tokenizer; "
+                               "call task.use_tokenizer(tokenizer) once the policy is loaded")
+        return self.prompt_format.render(self.question_text(example), self.chat_instruction, self._chat_tokenizer,
+                                         example=self.chat_example)
+
+    def plain_prompt(self, example: dict) -> str:
+        """Returns the plain-text model input; it ends with ``"\\n"``, where the response begins."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither prompt nor plain_prompt")
+
+    def question_text(self, example: dict) -> str:
+        """The question of a chat prompt's user turn (default: the plain prompt, stripped)."""
+        return self.plain_prompt(example).strip()
+
+    def set_prompt_format(self, prompt_format) -> None:
+        """Sets the prompt format: a PromptFormat, ``"plain"``, ``"chat"`` or ``{kind, system, instruction}``."""
+        self.prompt_format = resolve_prompt_format(prompt_format)
+
+    def use_tokenizer(self, tokenizer) -> "Task":
+        """Binds the policy's tokenizer for chat prompts (a no-op for plain ones); returns the task.
+
+        Raises:
+            ValueError: chat prompts with a tokenizer that has no chat template.
+        """
+        if self.prompt_format.is_chat:
+            check_chat_tokenizer(tokenizer, owner=f"{self.name} task")
+            self._chat_tokenizer = tokenizer
+        return self
+
+    def _format_repr(self) -> str:
+        # only a non-default format shows, so existing cache keys built from repr() stay valid
+        return "" if not self.prompt_format.is_chat else f", prompt_format={self.prompt_format.to_dict()!r}"
 
     @abstractmethod
     def reference_solution(self, example: dict) -> str:
@@ -88,7 +135,9 @@ class DatasetTask(Task):
     required_fields: tuple[str, ...] = ()
     validation_holdout: int | None = None
 
-    def __init__(self, path: str | Path | None = None, dataset: str | None = None, dataset_config: str | None = None):
+    def __init__(self, path: str | Path | None = None, dataset: str | None = None, dataset_config: str | None = None,
+                 prompt_format=None):
+        self.set_prompt_format(prompt_format)
         if path is not None and dataset is not None:
             raise ValueError(f"{self.name}: pass either path= or dataset=, not both")
         self._fallback = False  # True when ``dataset`` was chosen because no local data was found
@@ -174,4 +223,4 @@ class DatasetTask(Task):
 
     def __repr__(self) -> str:
         source = f"path={str(self.path)!r}" if self.path is not None else f"dataset={self.dataset!r}"
-        return f"{type(self).__name__}({source})"
+        return f"{type(self).__name__}({source}{self._format_repr()})"

@@ -7,6 +7,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from lit_reason.tasks.base import DatasetTask
+from lit_reason.tasks.math import extract_boxed
 
 # Calculator annotations such as "<<48/2=24>>": the gold data has them, a small model should not
 # have to learn to emit them.
@@ -22,6 +23,8 @@ _NUMBER_RE = re.compile(
 
 # Phrases that introduce a final answer in model responses; the last one wins.
 _ANSWER_CUE_RE = re.compile(r"(?<![A-Za-z])A:|[Aa]nswer\s*(?:is|:)")
+
+DEFAULT_CHAT_INSTRUCTION = "Solve the problem step by step, one step per line, and end with the line 'Answer: N'."
 
 _TOLERANCE = 1e-6
 
@@ -84,6 +87,9 @@ class GSM8KTask(DatasetTask):
         dataset: A Hugging Face Hub dataset name for `datasets.load_dataset` (e.g.
             ``"openai/gsm8k"``), instead of ``path``.
         dataset_config: The Hub dataset's config.
+        prompt_format: ``plain`` (``Question: ...\\nAnswer:\\n``, the default), ``chat`` or a dict
+            (see :mod:`lit_reason.tasks.prompt_format`); a chat prompt's question is the row's
+            ``question`` alone.
 
     With neither ``path`` nor ``dataset``, ``gsm8k/`` under `lit_reason.paths.default_data_dir`
     is used, else the Hub dataset ``openai/gsm8k``.
@@ -95,13 +101,19 @@ class GSM8KTask(DatasetTask):
     default_dataset = "openai/gsm8k"
     required_fields = ("question", "answer")
     validation_holdout = 200
+    chat_instruction = DEFAULT_CHAT_INSTRUCTION
 
-    def __init__(self, path: str | Path | None = None, dataset: str | None = None, dataset_config: str = "main"):
-        super().__init__(path=path, dataset=dataset, dataset_config=dataset_config)
+    def __init__(self, path: str | Path | None = None, dataset: str | None = None, dataset_config: str = "main",
+                 prompt_format: str | dict | None = None):
+        super().__init__(path=path, dataset=dataset, dataset_config=dataset_config, prompt_format=prompt_format)
 
-    def prompt(self, example: dict) -> str:
+    def plain_prompt(self, example: dict) -> str:
         """Returns ``"Question: {question}\\nAnswer:\\n"``."""
         return f"Question: {self._field(example, 'question')}\nAnswer:\n"
+
+    def question_text(self, example: dict) -> str:
+        """The row's ``question`` (the user turn of a chat prompt)."""
+        return str(self._field(example, "question")).strip()
 
     def reference_solution(self, example: dict) -> str:
         """Returns the gold ``answer`` without calculator annotations, ending in ``#### N``."""
@@ -122,14 +134,17 @@ class GSM8KTask(DatasetTask):
     def extract_answer(self, text: str) -> str | None:
         """Returns the final number of a response, normalised, or None.
 
-        Looks, in order, after the last ``####``; after the last ``A:`` / ``answer is`` /
-        ``answer:``; else takes the last number anywhere. Commas, ``$``, trailing ``.``/``.00``
-        and units after the number are handled.
+        Looks, in order, after the last ``####``; in the last ``\\boxed{}``; after the last ``A:`` /
+        ``answer is`` / ``answer:``; else takes the last number anywhere. Commas, ``$``, trailing
+        ``.``/``.00`` and units after the number are handled.
         """
         text = _ANNOTATION_RE.sub("", text)
         segments = []
         if "####" in text:
             segments.append(text.rsplit("####", 1)[1])
+        boxed = extract_boxed(text)
+        if boxed is not None:
+            segments.append(boxed)
         cues = list(_ANSWER_CUE_RE.finditer(text))
         if cues:
             segments.append(text[cues[-1].end() :])

@@ -22,6 +22,25 @@ from lit_reason.tasks.base import DatasetTask
 # "\boxed" / "\fbox" as whole commands ("\fboxsep" is another command).
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
+# Without a box, the final answer instruct models write after "####", "Answer:" or "the answer is"
+# (the last cue wins), up to the end of its line.
+_CUE_RE = re.compile(r"####|(?<![A-Za-z])[Aa]nswer(?:\s+is)?[ \t]*:?")
+
+DEFAULT_CHAT_INSTRUCTION = "Solve the problem step by step, one step per line, and put the final answer in \\boxed{}."
+
+
+def extract_cued(text: str) -> str | None:
+    """The rest of the line after the last ``####`` / ``Answer:`` / ``the answer is`` cue, without
+    surrounding ``$``, ``*`` and a trailing full stop; None when there is no cue or nothing follows."""
+    cues = list(_CUE_RE.finditer(text))
+    if not cues:
+        return None
+    line = text[cues[-1].end() :].split("\n", 1)[0].strip()
+    line = line.rstrip(". *").lstrip("* ")
+    if len(line) >= 2 and line[0] == line[-1] == "$":
+        line = line[1:-1].strip()
+    return line or None
+
 
 def extract_boxed(text: str) -> str | None:
     """Returns the content of the LAST ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``.
@@ -249,6 +268,9 @@ class MathTask(DatasetTask):
             present), or one jsonl file used as the test split only.
         dataset: A Hugging Face Hub dataset name for `datasets.load_dataset`, instead of ``path``.
         timeout_s: Seconds allowed per equivalence check; a check that takes longer scores 0.
+        prompt_format: ``plain`` (``Problem: ...\\nSolution:\\n``, the default), ``chat`` or a dict
+            (see :mod:`lit_reason.tasks.prompt_format`); a chat prompt's question is the row's
+            ``problem`` alone.
 
     With neither ``path`` nor ``dataset``, ``math500/`` under `lit_reason.paths.default_data_dir`
     is used, else the Hub dataset ``HuggingFaceH4/MATH-500``.
@@ -259,17 +281,23 @@ class MathTask(DatasetTask):
     default_folder = "math500"
     default_dataset = "HuggingFaceH4/MATH-500"
     required_fields = ("problem", "solution")
+    chat_instruction = DEFAULT_CHAT_INSTRUCTION
 
-    def __init__(self, path: str | Path | None = None, dataset: str | None = None, timeout_s: float = 5.0):
+    def __init__(self, path: str | Path | None = None, dataset: str | None = None, timeout_s: float = 5.0,
+                 prompt_format: str | dict | None = None):
         if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
             raise ValueError(f"timeout_s must be a positive number, got {timeout_s!r}")
-        super().__init__(path=path, dataset=dataset)
+        super().__init__(path=path, dataset=dataset, prompt_format=prompt_format)
         self.timeout_s = float(timeout_s)
         self.verifier = SympyVerifier(timeout_s=self.timeout_s)
 
-    def prompt(self, example: dict) -> str:
+    def plain_prompt(self, example: dict) -> str:
         """Returns ``"Problem: {problem}\\nSolution:\\n"``."""
         return f"Problem: {self._field(example, 'problem')}\nSolution:\n"
+
+    def question_text(self, example: dict) -> str:
+        """The row's ``problem`` (the user turn of a chat prompt)."""
+        return str(self._field(example, "problem")).strip()
 
     def reference_solution(self, example: dict) -> str:
         """Returns the row's ``solution`` text (stripped)."""
@@ -286,8 +314,11 @@ class MathTask(DatasetTask):
         return boxed
 
     def extract_answer(self, text: str) -> str | None:
-        """Returns the content of the last ``\\boxed{}`` in a response, or None."""
-        return extract_boxed(text)
+        """Returns the content of the last ``\\boxed{}`` in a response; without a box, what follows the
+        last ``####`` / ``Answer:`` / ``the answer is`` on its line (see :func:`extract_cued`); else None."""
+        if _BOX_RE.search(text):
+            return extract_boxed(text)  # a box decides, also an unclosed (truncated) one: None
+        return extract_cued(text)
 
     def answers_match(self, predicted: str, gold: str) -> bool:
         """Equal after `normalize_latex`, else math_verify-equivalent within ``timeout_s``."""
