@@ -90,6 +90,27 @@ def held_out_accuracy(model, tokenizer, limit: int) -> float:
     return float(result["accuracy"])
 
 
+class LoopClock:
+    """Wall-clock of the training loop alone: from the framework's train-start hook (after its data
+    and optimiser setup) to its train-end hook, so one-time dataset preparation is outside it on
+    both sides. Used as a Lightning callback and as a transformers ``TrainerCallback``."""
+
+    started = ended = None
+
+    def on_train_start(self, *_):  # Lightning
+        self.started = time.perf_counter()
+
+    def on_train_end(self, *_, **__):  # both
+        self.ended = time.perf_counter()
+
+    def on_train_begin(self, *_, **__):  # transformers
+        self.started = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.ended - self.started
+
+
 class Timer:
     """Wraps a callable, summing its wall-clock (and, via ``count``, a number read off its result)."""
 
@@ -140,6 +161,10 @@ def run_ours(spec: dict) -> dict:
     online.rollout = sampling
     cli = ours_cli(method, spec["seed"], spec["steps"], rundir, extra)
     model, trainer = cli.model, cli.trainer
+    import lightning.pytorch as pl
+
+    clock = type("LightningLoopClock", (LoopClock, pl.Callback), {})()
+    trainer.callbacks.append(clock)
     collect = None
     if hasattr(model, "collect"):
         collect = Timer(model.collect)
@@ -147,7 +172,8 @@ def run_ours(spec: dict) -> dict:
     started = time.perf_counter()
     trainer.fit(model)
     train_seconds = time.perf_counter() - started
-    out = {"steps": int(trainer.global_step), "train_seconds": train_seconds, "peak_rss_mb": peak_rss_mb()}
+    out = {"steps": int(trainer.global_step), "train_seconds": train_seconds, "loop_seconds": clock.seconds,
+           "peak_rss_mb": peak_rss_mb()}
     if collect is not None:
         out.update(generation_seconds=sampling.seconds, rollout_seconds=collect.seconds,
                    generated_tokens=sampling.total)
@@ -162,6 +188,14 @@ def trl_common(spec: dict) -> dict:
                 bf16=False, fp16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
                 logging_steps=10, disable_tqdm=True, dataloader_num_workers=0, gradient_accumulation_steps=1,
                 adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0)
+
+
+def trl_clock(trainer) -> LoopClock:
+    from transformers import TrainerCallback
+
+    clock = type("TrainerLoopClock", (LoopClock, TrainerCallback), {})()
+    trainer.add_callback(clock)
+    return clock
 
 
 def run_trl_grpo(spec: dict) -> dict:
@@ -198,6 +232,7 @@ def run_trl_grpo(spec: dict) -> dict:
     )
     trainer = GRPOTrainer(model=model, reward_funcs=task_reward, args=config, train_dataset=dataset,
                           processing_class=tokenizer)
+    clock = trl_clock(trainer)
     sampling = Timer(trainer._generate, count=lambda out: sum(len(ids) for ids in out[1]))
     trainer._generate = sampling
     rollout_phase = Timer(trainer._generate_and_score_completions)
@@ -205,8 +240,8 @@ def run_trl_grpo(spec: dict) -> dict:
     started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - started
-    out = {"steps": int(trainer.state.global_step), "train_seconds": train_seconds, "peak_rss_mb": peak_rss_mb(),
-           "generation_seconds": sampling.seconds, "rollout_seconds": rollout_phase.seconds,
+    out = {"steps": int(trainer.state.global_step), "train_seconds": train_seconds, "loop_seconds": clock.seconds,
+           "peak_rss_mb": peak_rss_mb(), "generation_seconds": sampling.seconds, "rollout_seconds": rollout_phase.seconds,
            "generated_tokens": sampling.total}
     out["end_accuracy"] = held_out_accuracy(trainer.model, tokenizer, spec["eval_limit"])
     return out
@@ -238,10 +273,12 @@ def run_trl_dpo(spec: dict) -> dict:
     )
     trainer = PretokenizedDPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs),
                                      processing_class=tokenizer)
+    clock = trl_clock(trainer)
     started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - started
-    out = {"steps": int(trainer.state.global_step), "train_seconds": train_seconds, "peak_rss_mb": peak_rss_mb()}
+    out = {"steps": int(trainer.state.global_step), "train_seconds": train_seconds, "loop_seconds": clock.seconds,
+           "peak_rss_mb": peak_rss_mb()}
     out["end_accuracy"] = held_out_accuracy(trainer.model, tokenizer, spec["eval_limit"])
     return out
 
@@ -260,7 +297,9 @@ def prepare_dpo_pairs(spec: dict) -> dict:
     rows = [{"prompt_ids": list(w["prompt_ids"]), "chosen_ids": list(w["response_ids"]),
              "rejected_ids": list(lose["response_ids"])} for w, lose in pairs]
     Path(spec["pairs"]).write_text(json.dumps(rows))
-    return {"pairs": len(rows), "batches": -(-len(rows) // recipe_init_args("dpo", spec.get("overrides"))["batch_size"])}
+    batch_size = recipe_init_args("dpo", spec.get("overrides"))["batch_size"]
+    # the start policy's accuracy here too: one interpreter fewer
+    return {"pairs": len(rows), "batches": -(-len(rows) // batch_size), **start_accuracy(spec)}
 
 
 def start_accuracy(spec: dict) -> dict:
@@ -275,7 +314,19 @@ CHILD = {"ours": run_ours, "trl_grpo": run_trl_grpo, "trl_dpo": run_trl_dpo, "pa
          "start": start_accuracy}
 
 
+def die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when the parent dies, so a killed benchmark leaves no run behind."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def child(spec: dict) -> dict:
+    die_with_parent()
     if spec.get("threads"):
         import torch
 
@@ -297,6 +348,8 @@ def spawn(spec: dict, timeout: float) -> dict:
 
 # ---- the table ------------------------------------------------------------------------------------
 def per_step(r: dict, key: str) -> float | None:
+    if key == "train_seconds" and "loop_seconds" in r:
+        key = "loop_seconds"  # the training loop alone (older results: the whole fit call)
     return r[key] / r["steps"] if key in r and r["steps"] else None
 
 
@@ -356,10 +409,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads of every run (default: torch's; 1 on a crowded machine)")
+    p.add_argument("--table", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="only print the table of earlier results (several files are joined)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
+        return 0
+    if args.table:
+        saved = [json.loads(Path(f).read_text()) for f in args.table]
+        print(table([r for s in saved for r in s["runs"]], saved[0]["start_accuracy"]))
         return 0
     try:
         import trl  # noqa: F401
@@ -372,15 +431,17 @@ def main(argv: list[str] | None = None) -> int:
     data = str((REPO / args.data).resolve())
     base = {"eval_limit": args.eval_limit, "data": data, "dpo_positive_lambda": args.dpo_positive_lambda,
             "threads": args.threads, "batches": 1}
-    start = spawn({**base, "kind": "start", "seed": 0}, args.timeout)["accuracy"]
-    print(f"start policy: held-out greedy accuracy {start:.3f} on {args.eval_limit} validation prompts", flush=True)
     steps = {"grpo": args.steps or recipe_max_steps("grpo")}
     if "dpo" in args.methods:
-        prep = spawn({**base, "kind": "pairs", "seed": 0, "overrides": overrides["dpo"], "collect": args.collect, "rundir": str(work / "pairs"),
-                      "pairs": str(work / "dpo_pairs.json")}, args.timeout)
+        prep = spawn({**base, "kind": "pairs", "seed": 0, "overrides": overrides["dpo"], "collect": args.collect,
+                      "rundir": str(work / "pairs"), "pairs": str(work / "dpo_pairs.json")}, args.timeout)
         steps["dpo"] = args.steps or prep["batches"]
         base["batches"] = prep["batches"]
         print(f"DPO: {prep['pairs']} pairs, {prep['batches']} batches per epoch", flush=True)
+    else:
+        prep = spawn({**base, "kind": "start", "seed": 0}, args.timeout)
+    start = prep["accuracy"]
+    print(f"start policy: held-out greedy accuracy {start:.3f} on {args.eval_limit} validation prompts", flush=True)
     results = []
     for seed in args.seeds:
         for method in args.methods:

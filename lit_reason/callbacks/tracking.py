@@ -101,7 +101,13 @@ def summary_line(trainer: pl.Trainer, seconds: float) -> str:
                               if k in metrics)
             if shown:
                 parts.append(f"calibration at step {step}: {shown}")
-    parts.append(f"run folder {trainer.log_dir}")
+    # trainer.log_dir's choice without its broadcast (a collective: this runs on rank 0 only)
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    first = trainer.loggers[0] if trainer.loggers else None
+    folder = (trainer.default_root_dir if first is None
+              else first.log_dir if isinstance(first, (CSVLogger, TensorBoardLogger)) else first.save_dir)
+    parts.append(f"run folder {folder}")
     wandb = wandb_run_path(trainer)
     if wandb:
         parts.append(f"W&B {wandb}")
