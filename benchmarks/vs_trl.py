@@ -58,7 +58,13 @@ def parse_overrides(method: str, items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or key not in SHARED_SETTINGS[method]:
             raise SystemExit(f"--{method} {item!r}: expected KEY=VALUE with KEY one of {SHARED_SETTINGS[method]}")
-        out[key] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key] = parsed
     return out
 
 
@@ -420,18 +426,25 @@ def main(argv: list[str] | None = None) -> int:
         saved = [json.loads(Path(f).read_text()) for f in args.table]
         print(table([r for s in saved for r in s["runs"]], saved[0]["start_accuracy"]))
         return 0
+    overrides = {m: parse_overrides(m, getattr(args, m)) for m in SHARED_SETTINGS}
+    work = (REPO / args.workdir).resolve()
+    data = str((REPO / args.data).resolve())
+    base = {"eval_limit": args.eval_limit, "data": data, "dpo_positive_lambda": args.dpo_positive_lambda,
+            "threads": args.threads, "batches": 1}
+    steps = {"grpo": args.steps or recipe_max_steps("grpo")}
+    hp = recipe_init_args("grpo", overrides["grpo"])
+    # an iteration is indivisible in both loops: rollout, then epochs x minibatches optimiser steps
+    per_iteration = -(-hp["prompts_per_iteration"] * hp["samples_per_prompt"] // hp["minibatch_size"]) \
+        * hp["epochs_per_iteration"]
+    if "grpo" in args.methods and steps["grpo"] % per_iteration:
+        raise SystemExit(f"--steps {steps['grpo']}: GRPO makes {per_iteration} optimiser steps per iteration; "
+                         f"use a multiple of {per_iteration}")
     try:
         import trl  # noqa: F401
     except ImportError:
         print(TRL_HINT, file=sys.stderr)
         return 2
-    overrides = {m: parse_overrides(m, getattr(args, m)) for m in SHARED_SETTINGS}
-    work = (REPO / args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    data = str((REPO / args.data).resolve())
-    base = {"eval_limit": args.eval_limit, "data": data, "dpo_positive_lambda": args.dpo_positive_lambda,
-            "threads": args.threads, "batches": 1}
-    steps = {"grpo": args.steps or recipe_max_steps("grpo")}
     if "dpo" in args.methods:
         prep = spawn({**base, "kind": "pairs", "seed": 0, "overrides": overrides["dpo"], "collect": args.collect,
                       "rundir": str(work / "pairs"), "pairs": str(work / "dpo_pairs.json")}, args.timeout)

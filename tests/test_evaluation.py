@@ -18,19 +18,20 @@ def task():
 
 
 class Script:
-    """Forward hook on ``lm_head`` that makes the (real) model emit a fixed token sequence.
+    """Forward hook (with kwargs) on the model that makes it emit a fixed token sequence.
 
-    The step counter restarts at every prefill (a forward pass over more than one position), so
-    every row of every ``sample`` call gets ``tokens`` and then keeps emitting the last token.
+    The step counter restarts at every prefill (a forward pass over more than one input position;
+    the model, not ``lm_head``, is hooked because the prefill computes the last position's logits
+    only), so every row of every ``sample`` call gets ``tokens`` and then keeps emitting the last one.
     """
 
     def __init__(self, tokens):
         self.tokens, self.step = tokens, 0
 
-    def __call__(self, module, args, output):
-        self.step = 0 if args[0].shape[1] > 1 else self.step + 1
-        output = output.clone()
-        output[:, -1, self.tokens[min(self.step, len(self.tokens) - 1)]] = 1e4
+    def __call__(self, module, args, kwargs, output):
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        self.step = 0 if ids.shape[1] > 1 else self.step + 1
+        output.logits[:, -1, self.tokens[min(self.step, len(self.tokens) - 1)]] = 1e4
         return output
 
 
@@ -88,7 +89,7 @@ def test_hand_checked_accuracy(tiny_model, tiny_tokenizer, task):
     assert examples[0]["answer"] != examples[1]["answer"]
     solution = task.reference_solution(examples[0])
     tokens = tiny_tokenizer(solution, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
-    hook = tiny_model.lm_head.register_forward_hook(Script(tokens))
+    hook = tiny_model.register_forward_hook(Script(tokens), with_kwargs=True)
     try:
         result = evaluate_policy(tiny_model, tiny_tokenizer, task, examples, samples=3, max_new_tokens=len(tokens) + 2)
     finally:
@@ -111,7 +112,7 @@ def test_truncated_correct_text_counts_as_wrong(tiny_model, tiny_tokenizer, task
     solution = task.reference_solution(example)
     tokens = tiny_tokenizer(solution, add_special_tokens=False)["input_ids"]
     newline = tiny_tokenizer("\n", add_special_tokens=False)["input_ids"]
-    hook = tiny_model.lm_head.register_forward_hook(Script(tokens + newline))
+    hook = tiny_model.register_forward_hook(Script(tokens + newline), with_kwargs=True)
     try:
         # the whole solution fits, but no EOS follows before the limit
         result = evaluate_policy(tiny_model, tiny_tokenizer, task, [example], max_new_tokens=len(tokens) + 1)

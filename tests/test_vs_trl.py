@@ -33,7 +33,7 @@ def test_vs_trl_runs_both_frameworks_on_the_same_work(tmp_path, embedded_arithme
         import trl  # noqa: F401
     except ImportError:
         pytest.fail('TRL is in the test extra but not installed: pip install -e ".[dev]"')
-    cmd = [sys.executable, "benchmarks/vs_trl.py", "--seeds", "0", "--steps", "2", "--eval-limit", "4",
+    cmd = [sys.executable, "benchmarks/vs_trl.py", "--seeds", "0", "--steps", "4", "--eval-limit", "4",
            "--threads", "1", "--grpo", "prompts_per_iteration=2", "minibatch_size=4", "--dpo", "batch_size=4",
            "--data", str(tmp_path / "data"), "--collect", "{samples: 4, limit: 8, temperature: 0.7}",
            "--workdir", str(tmp_path / "work")]
@@ -44,11 +44,12 @@ def test_vs_trl_runs_both_frameworks_on_the_same_work(tmp_path, embedded_arithme
     runs = {(r["method"], r["framework"]): r for r in results["runs"]}
     assert set(runs) == {(m, f) for m in ("grpo", "dpo") for f in ("lit_reason", "trl")}
     for (method, framework), r in runs.items():
-        assert r["steps"] == 2, (method, framework, r)  # the same number of optimiser steps on both sides
+        assert r["steps"] == 4, (method, framework, r)  # the same number of optimiser steps on both sides
         assert 0 < r["loop_seconds"] <= r["train_seconds"] and r["peak_rss_mb"] > 100
         assert 0.0 <= r["end_accuracy"] <= 1.0
         if method == "grpo":
-            # one rollout of 2 prompts x 4 samples (the recipe's group size), up to 96 tokens each
+            # one iteration (2 epochs x 2 minibatches of 4): one rollout of 2 prompts x 4 samples (the
+            # recipe's group size), up to 96 tokens each
             assert 8 <= r["generated_tokens"] <= 8 * 96
             assert 0 < r["generation_seconds"] <= r["rollout_seconds"] <= r["loop_seconds"]
     # the same pairs on both sides: 8 prompts' (correct, wrong) pairs as token ids
@@ -56,3 +57,22 @@ def test_vs_trl_runs_both_frameworks_on_the_same_work(tmp_path, embedded_arithme
     assert pairs and all(p["chosen_ids"] != p["rejected_ids"] for p in pairs)
     assert re.search(r"^\| grpo \| \d+\.\d\d \|", proc.stdout, re.M), proc.stdout  # the ours/TRL ratio row
     assert re.search(r"^\| dpo \| \d+\.\d\d \|", proc.stdout, re.M), proc.stdout
+
+
+def load_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vs_trl", REPO / "benchmarks" / "vs_trl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vs_trl_rejects_settings_it_cannot_apply_to_both_sides():
+    bench = load_benchmark()
+    with pytest.raises(SystemExit, match="KEY one of"):
+        bench.parse_overrides("grpo", ["clip_eps=0.3"])  # not a setting both sides read
+    assert bench.parse_overrides("dpo", ["batch_size=4", "lr=1e-6"]) == {"batch_size": 4, "lr": 1e-6}
+    # 32 prompts x 4 samples / minibatch 64 x 2 epochs = 4 optimiser steps per iteration
+    with pytest.raises(SystemExit, match="multiple of 4"):
+        bench.main(["--methods", "grpo", "--steps", "6"])

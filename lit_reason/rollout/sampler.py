@@ -4,7 +4,10 @@ The engine is deliberately small (``sample``/``continue_from``), so that a vLLM 
 behind the same two calls on GPUs. Here it drives any Hugging Face causal LM directly: prompts are
 left-padded and prefilled once; for ``k`` samples per prompt the prefilled KV cache is repeated
 ``k`` times (``batch_repeat_interleave``) instead of re-encoding the prompt ``k`` times, which is
-what makes per-step Monte Carlo value estimation affordable.
+what makes per-step Monte Carlo value estimation affordable. The prefill computes the last
+position's logits only, decoding writes the KV cache in place into buffers allocated once, and
+finished rows leave the batch; none of this changes which tokens a seed samples
+(``benchmarks/rollout_speed.py`` compares the engine with ``model.generate``).
 """
 
 from __future__ import annotations
