@@ -45,7 +45,7 @@ model:
     policy: embedded:tiny
     task: {{name: arithmetic, n_train: 128, n_validation: 16, n_test: 16}}
     batch_size: 16
-    val_limit: 16
+    eval_limit: 16
     warmup_steps: 1
     tiny: {{hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}}
 """

@@ -156,7 +156,7 @@ def cpu_overrides(name: str, policy: str, data: Path, root: Path, gvm: str | Non
         if issubclass(cls, (ValueOfflineRL, DVPOGVM)):
             trainer["max_steps"] = 2  # two optimiser steps per batch (critic + policy; DVPO's 2 epochs per batch)
     elif issubclass(cls, SFT):
-        init.update(batch_size=2, val_limit=2)
+        init.update(batch_size=2, eval_limit=2)
         trainer["accumulate_grad_batches"] = 1
     else:
         raise AssertionError(f"recipes/gpu/{name}: no CPU brief for {cls.__name__}; add one to this test")

@@ -182,7 +182,7 @@ def test_value_calibration_on_a_value_less_module_fails_clearly(tmp_path):
                                                   ("test", "sft.yaml", "test/loss")])
 def test_validate_and_test_subcommands(subcommand, name, key, tmp_path, embedded_arithmetic):
     root = tmp_path / "run"
-    extra = ["--model.init_args.eval_limit", "16"] if name != "sft.yaml" else ["--model.init_args.val_limit", "16"]
+    extra = ["--model.init_args.eval_limit", "16"]  # one name for every method (SFT: examples of val/loss)
     proc = run_cli([subcommand, "--config", f"recipes/{name}", "--trainer.default_root_dir", str(root), *extra],
                    tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -124,3 +124,32 @@ def test_real_smollm2_arithmetic_responses(question, gold, response, answer, cor
     row = {"question": question, "answer": gold}
     assert task.extract_answer(response) == answer
     assert task.reward(response, row) == float(correct)
+
+
+# the endings (last lines) of verbatim greedy responses of SmolLM2-135M-Instruct to the first GSM8K test
+# problems with the default chat prompt (`evaluate --task gsm8k --prompt-format chat --limit 20`)
+REAL_GSM8K = [
+    ('She makes a total of 1440 + 16 x 3 = 1440 + 16 x 4 = 1440 + 16 x 4 = 1440 + 16 = 2080 dollars per day.\n#### 2080\nThe answer is: 2080',
+     '18', '2080', False),
+    ('1. 2 bolts of blue fiber = 2 * 2 = 4 bolts\n2. 1 block of white fiber = 1 * 2 = 2 bolts\n3. 1 block of blue fiber = 1 * 2 = 2 bolts\n\nThe answer is 3.',
+     '3', '3', True),
+    ('\nThe total increase in value of the house is 220,000 - 160,000 = 120,000.\n\nThe answer is 120,000.',
+     '70000', '120000', False),
+    ('4. Finally, we multiply 270 by 3, which gives us 740.\n5. So, James runs 740 meters per week.\n\nThe answer is 740.',
+     '540', '740', False),
+    ('3. So, 40 * 10 = 400.\n4. Now, we can add the total earnings to the total hours worked.\n5. 400 + 400 = 800.\n\nSo, the answer is 800.',
+     '460', '800', False),
+    ('\nShe sold 10 * 2 = 20 items.\n\nSo, Melanie started with 20 - 10 = 10 items.\n\nThe answer is 10.',
+     '18', '10', False),
+    ('\nThe percentage of students who enrolled in jazz dance is 25%.\n\nSo, the answer is 25%.',
+     '60', '25', False),
+    ('\nThe answer is 200 miles.',
+     '230', '200', False),
+]
+
+
+@pytest.mark.parametrize(("response", "gold", "answer", "correct"), REAL_GSM8K)
+def test_real_smollm2_gsm8k_responses(response, gold, answer, correct):
+    task = GSM8KTask(dataset="unused")
+    assert task.extract_answer(response) == answer
+    assert task.reward(response, {"question": "q", "answer": f"#### {gold}"}) == float(correct)

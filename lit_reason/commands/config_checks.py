@@ -15,7 +15,7 @@ from typing import Any
 # model arguments that count something and must be >= 1 (every method's constructor agrees)
 POSITIVE_INT_ARGS = (
     "prompts_per_iteration", "samples_per_prompt", "epochs_per_iteration", "minibatch_size", "mc_rollouts",
-    "batch_size", "rollout_batch_size", "max_new_tokens", "eval_limit", "val_limit",
+    "batch_size", "rollout_batch_size", "max_new_tokens", "eval_limit",
 )
 
 

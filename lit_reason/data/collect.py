@@ -62,6 +62,7 @@ def collect(
     policy_name: str | None = None,
     dtype: str | None = None,
     on_shard: Callable[[Path], None] | None = None,
+    device: Any = None,
 ) -> Path:
     """Rolls out ``policy`` on a task split into the trajectory dataset folder ``output``.
 
@@ -86,6 +87,8 @@ def collect(
         policy_name: Name recorded in meta for an in-memory model (default: its
             ``config._name_or_path``, or ``"<in-memory>"``). A resume compares it.
         dtype: Parameter dtype when ``policy`` is a name.
+        device: Device a policy loaded by name runs on (None: where it loads, the CPU). Offline
+            modules pass their training device, so first-use collection runs on the GPU.
         on_shard: Called with each shard's path once it is complete.
 
     Returns:
@@ -147,9 +150,7 @@ def collect(
     # a mismatching folder fails before the (possibly large) policy is loaded
     td.check_request(output, meta, ignore=("tokenizer",))
     if model is None:
-        from lit_reason.models.loading import load_policy
-
-        model, tokenizer = load_policy(policy, dtype=dtype)
+        model, tokenizer = load_collecting_policy(policy, dtype=dtype, device=device)
     meta["tokenizer"] = {"sha256": td.tokenizer_fingerprint(tokenizer), "eos_token_id": tokenizer.eos_token_id}
     done = td.prepare_output(output, meta)
 
@@ -195,6 +196,16 @@ def collect(
         if on_shard is not None:
             on_shard(path)
     return output
+
+
+def load_collecting_policy(name: str, dtype: str | None = None, device: Any = None):
+    """``(model, tokenizer)`` of the policy ``name``, moved to ``device`` when given (None: left on the CPU)."""
+    from lit_reason.models.loading import load_policy
+
+    model, tokenizer = load_policy(name, dtype=dtype)
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
 
 
 def dataset_summary(path: str | Path) -> dict:

@@ -12,16 +12,41 @@
 
 ``configure_model`` runs after ``setup`` (so models attached there, e.g. DVPO's GVM built on
 first use, are sharded too) and before the optimisers are built from the sharded parameters.
+
+It also holds the optimisation every method shares: :meth:`~ReasoningModule.adamw` (AdamW, betas
+(0.9, 0.95), the module's ``weight_decay``) and :meth:`~ReasoningModule.manual_step`, the one
+manual step (zero_grad, backward, gradient clip, step, scheduler step) of the methods that take
+several optimiser steps per batch (online PPO epochs, DVPO stage 1, OREO's critic-then-policy).
+
+One name per concept across methods (old names fail at parse time, README "Names"):
+
+* ``eval_limit``: prompts (examples, for SFT) of the ``validate``/``test`` loops;
+* ``warmup_steps``: LR warmup in optimiser steps (online methods, SFT); offline methods use
+  ``warmup_ratio`` instead, a *fraction* of the run, because their length is often set in epochs
+  and only known once the Trainer has the dataset;
+* ``kl_coef``: weight of a KL penalty to the reference in the *loss*; ``kl_reward_coef``: weight
+  of a per-token KL penalty in the *reward* (DVPO, which can have both);
+* ``beta``: not a KL penalty weight but the temperature of an implicit reward
+  ``beta * log pi/pi_ref`` (DPO, OREO, DQO, DVO), as in their papers;
+* ``val/accuracy`` / ``test/accuracy``: greedy accuracy logged by the ``validate``/``test`` loops;
+  ``eval/accuracy`` is the :class:`~lit_reason.callbacks.EvalAccuracy` training curve (during
+  ``fit``, against optimiser steps, on the split the callback names).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
 
+from lit_reason.methods.common import GreedyAccuracyLoops, resolve_task
+from lit_reason.models.policy import Reference, build_policy
 from lit_reason.parallel.fsdp import fsdp_mesh, gathered, is_sharded, mixed_precision_policy, shard_frozen, shard_model
+from lit_reason.steps import StepSplitter
 
 
 class ReasoningModule(pl.LightningModule):
@@ -71,3 +96,100 @@ class ReasoningModule(pl.LightningModule):
         if not models:
             models = tuple(self.trainable_models().values()) + tuple(self.frozen_models().values())
         return gathered(*models)
+
+    # ---- optimisation -----------------------------------------------------------------------
+    def adamw(self, params, lr: float) -> torch.optim.AdamW:
+        """AdamW (betas (0.9, 0.95), the module's ``weight_decay``) over ``params`` or param groups."""
+        return torch.optim.AdamW(params, lr=lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95))
+
+    def manual_step(self, opt, loss: torch.Tensor, scheduler=None) -> None:
+        """One manual optimiser step on ``loss``: zero_grad, backward, clip to ``grad_clip``, step, scheduler step.
+
+        Not named ``optimizer_step``: that is Lightning's hook of automatic optimisation.
+
+        Args:
+            opt: A (Lightning-wrapped) optimiser from :meth:`optimizers`.
+            loss: Scalar loss whose gradients reach ``opt``'s parameters.
+            scheduler: Its LR scheduler, stepped once per optimiser step (None: none).
+        """
+        opt.zero_grad()
+        self.manual_backward(loss)
+        if self.hparams.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+class RLModule(GreedyAccuracyLoops, ReasoningModule):
+    """The shared base of the online (:class:`~lit_reason.methods.online.OnlineRL`) and offline
+    (:class:`~lit_reason.methods.offline.OfflineRL`) RL loops: their common arguments and setup.
+
+    It builds the task, the policy (optional LoRA), the frozen reference
+    (:class:`~lit_reason.models.policy.Reference`) and the step splitter, and gives ``validate`` /
+    ``test`` as greedy accuracy (``val/accuracy`` / ``test/accuracy``). Subclasses declare their own
+    arguments (and ``lr``, whose default differs), pass the rest on with ``**kwargs``, and call
+    ``self.save_hyperparameters(ignore=["task"])`` after ``super().__init__``.
+
+    Args:
+        policy: Start policy (``embedded:arithmetic`` = the SFT'd tiny model); also the frozen
+            reference.
+        task: Task instance, name, or ``{name: ..., **kwargs}``.
+        lr: Policy learning rate (AdamW, betas (0.9, 0.95)).
+        weight_decay: AdamW weight decay.
+        grad_clip: Gradient-norm clip per optimiser step (None or 0: none).
+        max_new_tokens: Response length limit of sampling and evaluation (a cut response earns 0).
+        splitter: Step-splitting policy (``newline``, ``double_newline``, ``math``).
+        merge_answer_line: Merge the task's final-answer line into the last step (VinePPO's
+            GSM8K split keeps ``#### N`` with the last step).
+        dtype: Parameter dtype (``bf16`` on GPUs).
+        lora: LoRA arguments; the reference is then the base with the adapter disabled.
+        rollout_batch_size: Sequences decoded together (rollouts, collection, evaluation).
+        eval_limit: Prompts of the ``validate``/``test`` loops (greedy accuracy).
+        seed: Seed of sampling, shuffling and item selection.
+        progress: Progress bars for rollouts and collection.
+    """
+
+    def __init__(
+        self,
+        policy: str = "embedded:arithmetic",
+        task: Any = "arithmetic",
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        grad_clip: float | None = 1.0,
+        max_new_tokens: int = 96,
+        splitter: str = "newline",
+        merge_answer_line: bool = True,
+        dtype: str | None = None,
+        lora: dict | None = None,
+        rollout_batch_size: int = 256,
+        eval_limit: int = 200,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["task"])
+        self.task = resolve_task(task)
+        self.policy, self.tokenizer = build_policy(policy, dtype=dtype, lora=lora)
+        self.task.use_tokenizer(self.tokenizer)  # chat prompts need the policy's chat template
+        self.reference = Reference(self.policy)
+        answer_prefix = getattr(self.task, "answer_prefix", None) if merge_answer_line else None
+        self.splitter = StepSplitter(splitter, answer_prefix=answer_prefix or None)
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: torch.device | str | None) -> Iterator[nn.Module]:
+    """``model`` moved to ``device`` inside the block and back to where it was after (None: a no-op).
+
+    For work done in ``setup`` (first-use data builds on rank 0), before the strategy places the
+    module: the build runs on the training device, the strategy then finds the module as it left it.
+    """
+    if device is None:
+        yield model
+        return
+    before = next(model.parameters()).device
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(before)

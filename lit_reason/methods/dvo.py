@@ -55,6 +55,7 @@ from lit_reason.data.dvo_targets import (
     target_dataset_stats,
 )
 from lit_reason.losses.dvo import dvo_loss, step_logratios
+from lit_reason.methods.base import on_device
 from lit_reason.methods.offline import OfflineRL
 from lit_reason.models.logprobs import response_logprobs
 from lit_reason.rollout.mcts_paths import step_targets_tensor
@@ -98,8 +99,13 @@ class DVO(OfflineRL):
         return self.hparams.targets is not None
 
     def build_dataset(self, output: Path) -> Path:
-        """Searches (or resumes / reuses) the round-0 targets with the start policy."""
-        return self.build_targets(output, self.hparams.targets, policy_name=self.hparams.policy)
+        """Searches (or resumes / reuses) the round-0 targets with the start policy.
+
+        Runs in ``setup`` on rank 0, before the strategy places (or FSDP shards) the module: the
+        still-unsharded policy is moved to the training device for the search and back after.
+        """
+        with on_device(self.policy, self.collection_device()):
+            return self.build_targets(output, self.hparams.targets, policy_name=self.hparams.policy)
 
     def build_targets(self, output: str | Path, settings: dict, policy_name: str) -> Path:
         """Builds the target dataset with the module's *current* policy (:func:`build_target_dataset`)."""

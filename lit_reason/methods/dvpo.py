@@ -57,6 +57,7 @@ from lit_reason.losses.common import masked_whiten
 from lit_reason.losses.dvpo import DVPO_ADVANTAGE_MODES, dvpo_advantages
 from lit_reason.methods.dvpo_gvm import gvm_response_values, signed_outcomes
 from lit_reason.methods.online import OnlineRL
+from lit_reason.models.policy import freeze
 from lit_reason.models.value import VALUE_HEAD_CONFIG, VALUE_HEAD_WEIGHTS, ValueModel
 from lit_reason.rollout.batch import TrajectoryBatch
 
@@ -103,9 +104,7 @@ def load_gvm(path: str | os.PathLike, tokenizer, dtype: str | None = None) -> Va
         if vocab is not None and vocab < len(tokenizer):
             raise ValueError(f"GVM {path}: trunk vocabulary {vocab} < the policy tokenizer's {len(tokenizer)}, and "
                              "the folder holds no tokenizer to compare: train stage 1 from this policy")
-    gvm.requires_grad_(False)
-    gvm.eval()
-    return gvm
+    return freeze(gvm)
 
 
 def _task_key(task: Any) -> Any:
@@ -204,7 +203,7 @@ class DVPO(OnlineRL):
             raise ValueError("use_task_reward needs advantage='gae': the static advantage has no reward")
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["task"])
-        self._gvm_task = kwargs.get("task", "arithmetic")  # OnlineRL's default; `task` is not a hyper-parameter
+        self._gvm_task = kwargs.get("task", "arithmetic")  # RLModule's default; `task` is not a hyper-parameter
         self.gvm = None
         self.value_range = (-1.0, 1.0)  # value-calibration protocol: the GVM predicts +-1 outcomes
         # frozen and saved once (as its folder): keep it out of every checkpoint's state_dict

@@ -48,6 +48,7 @@ from lit_reason.losses.ppo import terminal_rewards
 from lit_reason.methods.common import ExampleRows, as_list
 from lit_reason.methods.offline import OfflineRL
 from lit_reason.metrics.calibration import RankStats
+from lit_reason.models.policy import freeze
 from lit_reason.models.value import ValueModel
 from lit_reason.rollout.batch import TrajectoryBatch
 
@@ -104,8 +105,7 @@ class DVPOGVM(OfflineRL):
         self.save_hyperparameters(ignore=["task"])
         self.automatic_optimization = False  # several optimiser steps per batch
         # the collecting policy is never trained here; its reference copy is never needed
-        self.policy.requires_grad_(False)
-        self.policy.eval()
+        freeze(self.policy)
         self.reference = None
         self.value_model = ValueModel.from_policy_name(self.hparams.policy, dtype=self.hparams.dtype, lora=gvm_lora,
                                                        bias=True, zero_init=True)
@@ -170,13 +170,7 @@ class DVPOGVM(OfflineRL):
         for _ in range(self.hparams.epochs_per_batch):
             values, _ = gvm_response_values(self.value_model, b)
             loss, metrics = gvm_loss(values, returns, b.response_mask)
-            opt.zero_grad()
-            self.manual_backward(loss)
-            if self.hparams.grad_clip:
-                self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-            opt.step()
-            if sch is not None:
-                sch.step()
+            self.manual_step(opt, loss, sch)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=len(rows))
         self.log("train/loss", metrics["gvm_loss"], prog_bar=True, batch_size=len(rows))
 

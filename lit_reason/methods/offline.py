@@ -23,12 +23,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lit_reason.methods.base import ReasoningModule
-from lit_reason.methods.common import ExampleRows, GreedyAccuracyLoops, as_list, resolve_task, warmup_cosine
+from lit_reason.methods.base import RLModule
+from lit_reason.methods.common import ExampleRows, as_list, warmup_cosine
 from lit_reason.models.logprobs import pack_states, response_logprobs
-from lit_reason.models.policy import Reference, build_policy
 from lit_reason.rollout.batch import TrajectoryBatch
-from lit_reason.steps import StepSplitter
 
 COLLECT_KEYS = {"samples", "limit", "split", "temperature", "top_p", "seed", "chunk_size", "batch_size"}
 _CKPT_KEY = "lit_reason_offline"
@@ -48,13 +46,15 @@ def check_collect_settings(collect: dict | None) -> dict | None:
     return dict(collect)
 
 
-class OfflineRL(GreedyAccuracyLoops, ReasoningModule):
+class OfflineRL(RLModule):
     """Trains the policy on a trajectory dataset; subclasses pick the items and the loss.
 
+    Shared arguments (policy, task, weight_decay, grad_clip, max_new_tokens, splitter,
+    merge_answer_line, dtype, lora, rollout_batch_size, eval_limit, seed, progress):
+    :class:`~lit_reason.methods.base.RLModule`. The start ``policy`` is also the collecting policy
+    of round 0; ``max_new_tokens`` and ``splitter`` apply to collection too.
+
     Args:
-        policy: Start policy (``embedded:arithmetic`` = the SFT'd tiny model); also the collecting
-            policy of round 0 and the frozen reference.
-        task: Task instance, name, or ``{name: ..., **kwargs}``.
         data: Dataset folder. With ``collect`` set it is created (or resumed) on first use;
             without, it must hold a complete dataset. None: ``<default_root_dir>/data``.
         collect: Sampling settings for collecting on first use: ``samples`` (required), ``limit``
@@ -62,53 +62,25 @@ class OfflineRL(GreedyAccuracyLoops, ReasoningModule):
             ``chunk_size``, ``batch_size``. None: ``data`` must exist.
         batch_size: Training items per optimiser step.
         lr: Policy learning rate (AdamW, betas (0.9, 0.95)).
-        weight_decay: AdamW weight decay.
         warmup_ratio: Linear warmup over this fraction of the run's optimiser steps, then cosine
-            decay to 10% (OREO: 3%).
-        grad_clip: Gradient-norm clip.
-        max_new_tokens: Response length limit of collection and evaluation.
-        splitter: Step-splitting policy of collection (and of the step-level losses).
-        merge_answer_line: Merge the task's answer line into the last step.
-        dtype: Parameter dtype.
-        lora: LoRA arguments for the policy (the reference is then the adapter-disabled base).
-        rollout_batch_size: Sequences decoded together (collection, evaluation).
-        eval_limit: Prompts of the ``validate``/``test`` loops.
-        seed: Seed of shuffling and item selection.
-        progress: Progress bars while collecting.
+            decay to 10% (OREO: 3%). A fraction, not steps: offline runs are usually set in epochs,
+            whose steps are known only once the dataset is.
     """
 
     def __init__(
         self,
-        policy: str = "embedded:arithmetic",
-        task: Any = "arithmetic",
         data: str | None = None,
         collect: dict | None = None,
         batch_size: int = 16,
         lr: float = 1e-5,
-        weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
-        grad_clip: float | None = 1.0,
-        max_new_tokens: int = 96,
-        splitter: str = "newline",
-        merge_answer_line: bool = True,
-        dtype: str | None = None,
-        lora: dict | None = None,
-        rollout_batch_size: int = 256,
-        eval_limit: int = 200,
-        seed: int = 0,
-        progress: bool = True,
+        **kwargs,
     ) -> None:
-        super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         collect = check_collect_settings(collect)
+        super().__init__(lr=lr, **kwargs)
         self.save_hyperparameters(ignore=["task"])
-        self.task = resolve_task(task)
-        self.policy, self.tokenizer = build_policy(policy, dtype=dtype, lora=lora)
-        self.task.use_tokenizer(self.tokenizer)  # chat prompts need the policy's chat template
-        self.reference = Reference(self.policy)
-        answer_prefix = getattr(self.task, "answer_prefix", None) if merge_answer_line else None
-        self.splitter = StepSplitter(splitter, answer_prefix=answer_prefix or None)
         self.data_path: Path | None = Path(data) if data else None
         self.data_stats: dict[str, float] = {}
         self._items: list | None = None
@@ -133,6 +105,15 @@ class OfflineRL(GreedyAccuracyLoops, ReasoningModule):
         """Builds the round-0 dataset with the start policy (here: a collection)."""
         return self.collect_dataset(self.hparams.policy, output, self.hparams.collect)
 
+    def collection_device(self) -> torch.device | None:
+        """Where first-use collection runs: the Trainer's device (rank 0's GPU), None without a Trainer.
+
+        ``setup`` runs before the strategy moves (or FSDP shards) the module, so the module's own
+        policy is still on the CPU there; a separately loaded copy is moved here instead (rank 0
+        only, no collective, so it cannot deadlock under FSDP).
+        """
+        return self.trainer.strategy.root_device if self._trainer is not None else None
+
     def collect_dataset(self, policy: Any, output: Path, settings: dict, policy_name: str | None = None) -> Path:
         """Collects (or resumes, or reuses) a dataset with ``policy`` (a name or ``(model, tokenizer)``)."""
         from lit_reason.data.collect import collect
@@ -140,7 +121,8 @@ class OfflineRL(GreedyAccuracyLoops, ReasoningModule):
         s = dict(settings)
         return collect(policy, self.task, output, samples=s.pop("samples"), max_new_tokens=self.hparams.max_new_tokens,
                        splitter=self.splitter, progress=self.hparams.progress, dtype=self.hparams.dtype,
-                       policy_name=policy_name, **s)
+                       policy_name=policy_name, device=self.collection_device() if isinstance(policy, str) else None,
+                       **s)
 
     def recollect(self, output: str | Path, seed: int, round_index: int) -> Path:
         """Collects a new dataset with the *current* policy into ``output`` and trains on it next.
@@ -237,7 +219,7 @@ class OfflineRL(GreedyAccuracyLoops, ReasoningModule):
 
     def make_optimizer(self, params, lr: float):
         """AdamW (betas 0.9/0.95) with warmup-cosine over the run, as a Lightning config dict."""
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95))
+        opt = self.adamw(params, lr)
         total = self.total_steps()
         sched = warmup_cosine(opt, int(self.hparams.warmup_ratio * total), total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

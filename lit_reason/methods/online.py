@@ -11,103 +11,73 @@ Subclasses implement :meth:`compute_advantages` (and, for value calibration, ``s
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, RandomSampler
 
 from lit_reason.losses.ppo import ppo_policy_loss
-from lit_reason.methods.base import ReasoningModule
-from lit_reason.methods.common import ExampleRows, GreedyAccuracyLoops, as_list, resolve_task
+from lit_reason.methods.base import RLModule
+from lit_reason.methods.common import ExampleRows, as_list
 from lit_reason.models.logprobs import response_logprobs
-from lit_reason.models.policy import Reference, build_policy
 from lit_reason.rollout.batch import TrajectoryBatch
 from lit_reason.rollout.sampler import RolloutEngine
 from lit_reason.rollout.trajectories import rollout
-from lit_reason.steps import StepSplitter
 
 
-class OnlineRL(GreedyAccuracyLoops, ReasoningModule):
+class OnlineRL(RLModule):
     """Rollout -> targets -> PPO-clip epochs; the advantage estimator is the subclass's.
 
+    Shared arguments (policy, task, weight_decay, grad_clip, max_new_tokens, splitter,
+    merge_answer_line, dtype, lora, rollout_batch_size, eval_limit, seed, progress):
+    :class:`~lit_reason.methods.base.RLModule`.
+
     Args:
-        policy: Start policy (``embedded:arithmetic`` = the SFT'd tiny model).
-        task: Task instance, name, or ``{name: ..., **kwargs}``.
         prompts_per_iteration: Prompts sampled (with replacement) per iteration.
         samples_per_prompt: Responses per prompt (GRPO/RLOO group size).
         epochs_per_iteration: Passes over each rollout batch (VinePPO: 2).
         minibatch_size: Sequences per optimiser step.
         lr: Policy learning rate (AdamW, betas (0.9, 0.95), constant after warmup).
         warmup_steps: Linear LR warmup in optimiser steps.
-        weight_decay: AdamW weight decay.
         temperature: Sampling temperature; training log-probs divide logits by it (VinePPO).
         top_p: Nucleus mass of sampling.
-        max_new_tokens: Response length limit (a cut response earns 0).
         clip_eps: PPO ratio clip.
         kl_coef: Weight of the k3 KL to the reference, in the loss (VinePPO: 1e-4).
         kl_clip_max: Clip of the per-token k3 term.
         ratio_threshold: Skip a minibatch whose mean ratio exceeds this (None: never).
         whiten_advantages: Whiten over the global batch's tokens.
-        splitter: Step-splitting policy (``newline``, ``double_newline``, ``math``).
-        merge_answer_line: Merge the task's final-answer line into the last step (VinePPO's
-            GSM8K split keeps ``#### N`` with the last step).
-        grad_clip: Gradient-norm clip per optimiser step.
-        dtype: Parameter dtype (``bf16`` on GPUs).
-        lora: LoRA arguments; the reference is then the base with the adapter disabled.
-        rollout_batch_size: Sequences decoded together.
-        eval_limit: Prompts of the ``validate``/``test`` loops (greedy accuracy).
-        seed: Seed of sampling and minibatch shuffling.
-        progress: Progress bars for rollouts.
     """
 
     def __init__(
         self,
-        policy: str = "embedded:arithmetic",
-        task: Any = "arithmetic",
         prompts_per_iteration: int = 16,
         samples_per_prompt: int = 4,
         epochs_per_iteration: int = 2,
         minibatch_size: int = 32,
         lr: float = 1e-4,
         warmup_steps: int = 0,
-        weight_decay: float = 0.0,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        max_new_tokens: int = 96,
         clip_eps: float = 0.2,
         kl_coef: float = 1e-4,
         kl_clip_max: float | None = 10.0,
         ratio_threshold: float | None = None,
         whiten_advantages: bool = True,
-        splitter: str = "newline",
-        merge_answer_line: bool = True,
-        grad_clip: float | None = 1.0,
-        dtype: str | None = None,
-        lora: dict | None = None,
-        rollout_batch_size: int = 256,
-        eval_limit: int = 200,
-        seed: int = 0,
-        progress: bool = True,
+        **kwargs,
     ) -> None:
-        super().__init__()
         for name in ("prompts_per_iteration", "samples_per_prompt", "epochs_per_iteration", "minibatch_size"):
             if locals()[name] < 1:
                 raise ValueError(f"{name} must be >= 1, got {locals()[name]}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for on-policy sampling, got {temperature}")
+        super().__init__(lr=lr, **kwargs)
         self.save_hyperparameters(ignore=["task"])
         self.automatic_optimization = False
-        self.task = resolve_task(task)
-        self.policy, self.tokenizer = build_policy(policy, dtype=dtype, lora=lora)
-        self.task.use_tokenizer(self.tokenizer)  # chat prompts need the policy's chat template
-        self.reference = Reference(self.policy)
-        answer_prefix = getattr(self.task, "answer_prefix", None) if merge_answer_line else None
-        self.splitter = StepSplitter(splitter, answer_prefix=answer_prefix)
-        self.engine = RolloutEngine(self.policy, self.tokenizer, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_p=top_p, batch_size=rollout_batch_size,
-                                    seed=seed, progress=progress)
-        self._shuffle = torch.Generator().manual_seed(seed)
+        hp = self.hparams
+        self.engine = RolloutEngine(self.policy, self.tokenizer, max_new_tokens=hp.max_new_tokens,
+                                    temperature=temperature, top_p=top_p, batch_size=hp.rollout_batch_size,
+                                    seed=hp.seed, progress=hp.progress)
+        self._shuffle = torch.Generator().manual_seed(hp.seed)
         self.skipped_iterations = 0
 
     # ---- data -------------------------------------------------------------------------------
@@ -184,14 +154,7 @@ class OnlineRL(GreedyAccuracyLoops, ReasoningModule):
                 if extra is not None:
                     loss = loss + extra[0]
                     metrics = {**metrics, **extra[1]}
-                opt.zero_grad()
-                self.manual_backward(loss)
-                if hp.grad_clip:
-                    self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
-                opt.step()
-                sch = self.lr_schedulers()
-                if sch is not None:
-                    sch.step()
+                self.manual_step(opt, loss, self.lr_schedulers())
                 for k, v in metrics.items():
                     sums[k] += float(v)
                 n += 1
@@ -215,7 +178,7 @@ class OnlineRL(GreedyAccuracyLoops, ReasoningModule):
         critic = self.critic_parameters()
         if critic:
             groups.append({"params": critic, "lr": getattr(hp, "critic_lr", hp.lr)})
-        opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay, betas=(0.9, 0.95))
+        opt = self.adamw(groups, hp.lr)  # each group carries its own lr
         if hp.warmup_steps <= 0:
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / hp.warmup_steps))

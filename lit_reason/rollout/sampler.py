@@ -25,7 +25,7 @@ try:  # transformers >= 4.54 keeps a DynamicCache as a list of layers
 except ImportError:  # pragma: no cover - older transformers: the cache grows by concatenation
     DynamicLayer = None
 
-from lit_reason.models.logprobs import position_ids_from_mask
+from lit_reason.models.logprobs import keep_logits_kwargs, position_ids_from_mask
 
 # finish codes while decoding (one small tensor instead of a Python list per step)
 _LENGTH, _EOS, _STOP = 0, 1, 2
@@ -373,15 +373,9 @@ def _preallocate(cache, capacity: int) -> None:
 
 
 def _last_logits_kwargs(model) -> dict:
-    """Asks the prefill for the last position's logits only: ``logits_to_keep=1``
-    (``num_logits_to_keep`` in transformers 4.45-4.49). The full [N, width, V] logits would cost a
-    vocabulary-sized matmul per prompt token and most of the prefill's memory."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(base.forward).parameters
-    for name in ("logits_to_keep", "num_logits_to_keep"):
-        if name in params:
-            return {name: 1}
-    return {}
+    """Asks the prefill for the last position's logits only. The full [N, width, V] logits would
+    cost a vocabulary-sized matmul per prompt token and most of the prefill's memory."""
+    return keep_logits_kwargs(model, 1)
 
 
 def _cache_of(output):

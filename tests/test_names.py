@@ -1,0 +1,96 @@
+"""One name per concept across the methods (README "Names"; lit_reason/methods/base.py).
+
+* A renamed argument's old key fails when the config is parsed, naming the key, before any model
+  is built (``val_limit`` became ``eval_limit``).
+* The shared arguments live once, in :class:`~lit_reason.methods.base.RLModule`, and every online
+  and offline method still saves all of them as hyper-parameters (a checkpoint reload re-creates the
+  module from them).
+* First-use collection runs on the device the module asks for (:func:`load_collecting_policy`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+
+import pytest
+import torch
+
+from lit_reason.methods import DPO, GRPO
+from lit_reason.methods.base import RLModule
+from lit_reason.methods.offline import OfflineRL
+from lit_reason.methods.online import OnlineRL
+
+SFT_CONFIG = """\
+trainer: {accelerator: cpu, devices: 1, max_steps: 1, logger: false, enable_checkpointing: false}
+model:
+  class_path: lit_reason.methods.SFT
+  init_args:
+    policy: embedded:tiny
+    task: {name: arithmetic, n_train: 8, n_validation: 4, n_test: 4}
+"""
+
+GRPO_CONFIG = """\
+trainer: {accelerator: cpu, devices: 1, max_steps: 1, logger: false, enable_checkpointing: false}
+model:
+  class_path: lit_reason.methods.GRPO
+  init_args: {policy: embedded:arithmetic, task: arithmetic}
+"""
+
+
+@pytest.mark.parametrize("config,old_key", [
+    (SFT_CONFIG, ["--model.init_args.val_limit", "16"]),  # on the command line
+    (SFT_CONFIG + "    val_limit: 16\n", []),  # in the YAML
+    (GRPO_CONFIG, ["--model.init_args.val_limit", "16"]),  # the RL methods never had it either
+], ids=["sft-cli", "sft-yaml", "grpo-cli"])
+def test_an_old_key_fails_at_parse_time_naming_it(tmp_path, monkeypatch, capsys, config, old_key):
+    from lit_reason.cli import main
+
+    built = []
+    init = torch.nn.Module.__init__
+
+    def record(self, *a, **kw):  # every model (the LightningModule included) is an nn.Module
+        built.append(type(self).__name__)
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", record)
+    monkeypatch.setattr(sys, "argv", ["lit_reason"])
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(config)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(recipe), *old_key])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "'val_limit' is not accepted" in err, err[-2000:]
+    assert built == [], f"built before failing: {built}"
+
+
+def test_shared_arguments_are_declared_once_and_saved_by_every_rl_method(tiny_policy_dir):
+    shared = [n for n in inspect.signature(RLModule.__init__).parameters if n not in ("self", "task")]
+    assert len(shared) == 13
+    for cls in (OnlineRL, OfflineRL):
+        # the loop modules forward the shared arguments, they do not redeclare them (lr: own default)
+        own = set(inspect.signature(cls.__init__).parameters)
+        assert own & set(shared) == {"lr"}, cls
+    online = GRPO(policy=str(tiny_policy_dir), max_new_tokens=8, eval_limit=3, rollout_batch_size=5, seed=7)
+    offline = DPO(policy=str(tiny_policy_dir), max_new_tokens=8, eval_limit=3)
+    for module in (online, offline):
+        missing = set(shared) - set(module.hparams)
+        assert not missing, f"{type(module).__name__} does not save {missing}"
+        assert module.hparams.eval_limit == 3 and module.hparams.max_new_tokens == 8
+        assert module.hparams.weight_decay == 0.0  # a default of the base, saved too
+    assert (online.hparams.lr, offline.hparams.lr) == (1e-4, 1e-5)  # each loop's own default
+    assert online.engine.batch_size == 5 and online.hparams.seed == 7  # the shared values reach the loop
+    assert len(online._eval_loader("validation").dataset) == 3
+
+
+def test_collection_loads_the_policy_on_the_requested_device(tiny_policy_dir):
+    from lit_reason.data.collect import load_collecting_policy
+
+    model, _ = load_collecting_policy(str(tiny_policy_dir))
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    # "meta" is the one other device a CPU-only machine has: every parameter must follow the request
+    model, _ = load_collecting_policy(str(tiny_policy_dir), device="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
