@@ -33,11 +33,11 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     Returns:
         [B, L, V] float logits; row t predicts response token t.
     """
-    # use_cache=False: scoring never continues from here, and building the KV cache costs ~5% of a
-    # forward (benchmarks/vs_trl.py, README "Side by side with TRL")
     response_len = input_ids.shape[1] - prompt_len
     # only the L+1 last positions' logits: the prompt's [B, P, V] logits would cost a vocabulary-sized
-    # matmul per prompt token and, with a 49k vocabulary and chat prompts, most of a step's memory
+    # matmul per prompt token and, with a 49k vocabulary and chat prompts, most of a step's memory;
+    # use_cache=False: scoring never continues from here, and building the KV cache costs ~5% of a
+    # forward (README "Side by side with TRL")
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                 use_cache=False, **keep_logits_kwargs(model, response_len + 1))
     return out.logits[:, -(response_len + 1) : -1].float()

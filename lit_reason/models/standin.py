@@ -90,25 +90,15 @@ def build_standin_model(
     """
     import transformers
 
+    from lit_reason.models.tiny import init_causal_lm
+
     if family not in FAMILIES:
         raise ValueError(f"unknown stand-in family {family!r}; known: {', '.join(sorted(FAMILIES))}")
     config_cls, model_cls = (getattr(transformers, name) for name in FAMILIES[family])
-    config = config_cls(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=max_position_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = model_cls(config)
+    model = init_causal_lm(config_cls, model_cls, tokenizer, seed=seed, hidden_size=hidden_size,
+                           intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+                           num_attention_heads=num_heads, num_key_value_heads=num_key_value_heads,
+                           max_position_embeddings=max_position_embeddings, tie_word_embeddings=False)
     bonus = {"\n": newline_logit, **(token_logits or {})}
     ids = {}
     for text, logit in bonus.items():

@@ -95,22 +95,29 @@ def build_tiny_model(
     Returns:
         A ``LlamaForCausalLM`` in float32 that round-trips through ``save_pretrained``.
     """
+    return init_causal_lm(LlamaConfig, LlamaForCausalLM, tokenizer, seed=seed, hidden_size=hidden_size,
+                          intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+                          num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                          max_position_embeddings=max_position_embeddings, tie_word_embeddings=True)
+
+
+def init_causal_lm(config_cls, model_cls, tokenizer: PreTrainedTokenizerFast, seed: int = 0, **config_kwargs):
+    """A randomly initialised ``model_cls`` sized to ``tokenizer`` (vocabulary, pad/BOS/EOS ids).
+
+    The initialisation runs under a forked RNG seeded with ``seed``, so the caller's random state is
+    untouched and two builds are identical (the embedded default and the GPU recipes' stand-ins).
+
+    Args:
+        config_cls: A transformers config class (``LlamaConfig``, ``Qwen2Config`` ...).
+        model_cls: The matching causal-LM class.
+        tokenizer: The tokenizer the model will be used with.
+        seed: Initialisation seed.
+        **config_kwargs: Sizes and other config fields.
+    """
     import torch
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
+    config = config_cls(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **config_kwargs)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model
+        return model_cls(config)
