@@ -248,3 +248,57 @@ def test_dvpo_stage2_resume_is_exact(tmp_path, embedded_arithmetic):
     gvm_dir = gvm.save(tmp_path / "gvm", tokenizer=load_tokenizer(str(embedded_arithmetic)))
     recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "unused", DVPO.format(gvm=gvm_dir))
     stop_and_resume(tmp_path, recipe, ckpt_step=8, last_step=16)
+
+
+DVO_REFRESH = """\
+  max_epochs: 2
+  max_steps: 24
+model:
+  class_path: lit_reason.methods.DVO
+  init_args:
+    policy: embedded:arithmetic
+    task: """ + TASK + """
+    data: {data}
+    targets: {{limit: 16, simulations: 6, width: 3, max_depth: 3, leaves_per_tree: 2, chunk_size: 16,
+              max_correct: 2, max_incorrect: 2}}
+    batch_size: 1
+    lr: 1.0e-4
+    max_new_tokens: 40
+    progress: false
+"""
+
+REFRESH = REPO / "callbacks" / "mcts_refresh.yaml"
+# the target builds' and the search's speed are wall-clock, not training
+REFRESH_TIMING = {"data/build_seconds", "refresh/build_seconds", "refresh/simulations_per_s", "refresh/tokens_per_s"}
+
+
+def test_dvo_with_target_refresh_resumes_exactly_before_and_after_the_refresh(tmp_path, embedded_arithmetic):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "unused", DVO_REFRESH.format(data=tmp_path / "data"),
+                          calibrate=False)
+    base = ["--config", str(recipe), "--config", str(CHECKPOINT), "--config", str(REFRESH)]
+    fit([*base, "--trainer.default_root_dir", str(tmp_path / "a")])
+    version_a = tmp_path / "a" / "csv" / "version_0"
+    table = rows(version_a)
+    refresh_steps = [int(r["step"]) for r in table if "refresh/rows" in r]
+    assert len(refresh_steps) == 1 and 8 < refresh_steps[0] < 16, refresh_steps  # one refresh, between the checkpoints
+    last = max(int(p.stem.split("=")[1]) for p in (version_a / "checkpoints").glob("step=*.ckpt"))
+
+    def strip(table):
+        return [{k: v for k, v in r.items() if k not in REFRESH_TIMING} for r in table]
+
+    # step 8: before the refresh, which the resumed run must redo (same seed, same policy) into its own root;
+    # step 16: after it, the resumed run trains on the refreshed targets named by the checkpoint
+    for ckpt_step in (8, 16):
+        root = tmp_path / f"resumed{ckpt_step}"
+        version = root / "csv" / "version_0"
+        shutil.copytree(version_a, version)
+        for ckpt in (version / "checkpoints").glob("*.ckpt"):
+            if ckpt.name != f"step={ckpt_step}.ckpt":
+                ckpt.unlink()
+        (version / "run.json").unlink()
+        fit([*base, "--trainer.default_root_dir", str(root),
+             "--ckpt_path", str(version / "checkpoints" / f"step={ckpt_step}.ckpt")])
+        assert not (root / "csv" / "version_1").exists()
+        assert (root / "mcts_refresh" / "refresh1").exists() == (ckpt_step == 8)
+        assert strip(rows(version)) == strip(table)
+        assert_same_params(version_a / "checkpoints" / f"step={last}.ckpt", version / "checkpoints" / f"step={last}.ckpt")

@@ -32,7 +32,8 @@ saves, and the module keeps its data folder in the checkpoint too
 refreshed targets without searching again; the guard ``k > refreshes`` keeps it from repeating a
 refresh it has already done.
 
-Logged (every logger, at the current global step): ``refresh/count`` at train start and after each
+Logged (every logger, at the current global step): ``refresh/count`` at the start of a fresh (not
+resumed) fit and after each
 refresh; with each refresh ``refresh/rows``, ``refresh/prompts``, ``refresh/positive_fraction``,
 ``refresh/build_seconds`` and, for an MCTS dataset, ``refresh/simulations_per_s`` and
 ``refresh/tokens_per_s`` of the search.
@@ -125,7 +126,9 @@ class MCTSTargetRefresh(pl.Callback):
                         f"{self.refreshes}")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.passive:
+        # a resumed run logged its count already (at its start or its last refresh): logging it again
+        # would add a row the uninterrupted run does not have
+        if not self.passive and trainer.ckpt_path is None:
             log_metrics(trainer, {"refresh/count": float(self.refreshes)})
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

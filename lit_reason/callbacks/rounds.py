@@ -46,7 +46,7 @@ the subclass needs. One schedule per run: two would both replace the data at eve
 second :class:`RoundSchedule` in a Trainer is an error.
 
 Logged (``log_metrics``, every logger, at the current global step): ``rounds/round`` (the round
-whose data is in use) at train start and after each switch, and with each switch ``rounds/rows``,
+whose data is in use) at the start of a fresh (not resumed) fit and after each switch, and with each switch ``rounds/rows``,
 ``rounds/prompts``, ``rounds/positive_fraction`` (rows with reward > 0), ``rounds/mean_reward``,
 ``rounds/finished`` (rows that ended with EOS) and ``rounds/build_seconds`` of the new data.
 """
@@ -233,7 +233,8 @@ class RoundSchedule(pl.Callback):
         current = getattr(pl_module, "data_path", None)
         if self.round == 0 and current is not None:
             self.paths.setdefault(0, str(current))  # round 0 is the module's own data (set up by now)
-        log_metrics(trainer, {"rounds/round": float(self.round)})
+        if trainer.ckpt_path is None:  # a resumed run logged its round already (as MCTSTargetRefresh)
+            log_metrics(trainer, {"rounds/round": float(self.round)})
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         done = trainer.current_epoch + 1  # epochs finished, this one included
