@@ -242,6 +242,11 @@ def monkeypatch_module():
     mp.setenv("TOKENIZERS_PARALLELISM", "false")
     yield mp
     mp.undo()
+    import wandb
+
+    # wandb's process-wide settings singleton keeps the mode it was set up with ("disabled"): reset
+    # it, or a later test's offline WandbLogger in this process writes nothing
+    wandb.teardown()
 
 
 def _leave_no_trace(env: dict[str, str]) -> None:

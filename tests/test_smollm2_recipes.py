@@ -48,7 +48,8 @@ def test_smollm2_recipe_runs_briefly(name, tmp_path):
     gguf_file_or_skip()
     root = tmp_path / "run"
     args = ["fit", "--config", f"recipes/smollm2/{name}", "--trainer.default_root_dir", str(root),
-            "--trainer.enable_progress_bar", "false", "--model.init_args.task", SMALL_TASK, *brief_args(name, tmp_path)]
+            "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+            "--model.init_args.task", SMALL_TASK, *brief_args(name, tmp_path)]
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = subprocess.run([sys.executable, "-m", "lit_reason", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=1200)
