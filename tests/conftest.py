@@ -73,3 +73,26 @@ def embedded_arithmetic():
     from lit_reason.models.embedded import ensure_embedded
 
     return ensure_embedded("arithmetic")
+
+
+@pytest.fixture
+def built_modules(monkeypatch):
+    """Names of every ``nn.Module`` constructed during the test (the LightningModule included), with
+    the in-process CLI set up to run: a config error must fail before this list gets an entry."""
+    import logging
+    import sys
+
+    import torch
+
+    built: list[str] = []
+    init = torch.nn.Module.__init__
+
+    def record(self, *a, **kw):
+        built.append(type(self).__name__)
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", record)
+    monkeypatch.setattr(sys, "argv", ["lit_reason"])  # LightningCLI reads sys.argv when args are given too
+    # in-process, Lightning's log handler may still hold an earlier test's closed capture stream
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    return built

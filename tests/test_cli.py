@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -227,22 +226,10 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
-def test_bad_input_fails_in_one_line_before_any_model_is_built(tmp_path, monkeypatch, capsys, args, message):
-    import torch
-
+def test_bad_input_fails_in_one_line_before_any_model_is_built(tmp_path, capsys, built_modules, args, message):
     from lit_reason.cli import main
 
-    built = []
-    init = torch.nn.Module.__init__
-
-    def record(self, *a, **kw):  # every model (the LightningModule included) is an nn.Module
-        built.append(type(self).__name__)
-        init(self, *a, **kw)
-
-    monkeypatch.setattr(torch.nn.Module, "__init__", record)
-    monkeypatch.setattr(sys, "argv", ["lit_reason"])  # LightningCLI reads sys.argv when args are given too
-    # in-process, Lightning's log handler may still hold an earlier test's closed capture stream
-    monkeypatch.setattr(logging, "raiseExceptions", False)
+    built = built_modules
     args = [{"CUT": str(_truncated_checkpoint(tmp_path)), "MISSING": str(tmp_path / "none.ckpt")}.get(a, a)
             for a in args]
     recipe = write_recipe(tmp_path, tmp_path / "root")

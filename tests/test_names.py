@@ -11,11 +11,8 @@
 from __future__ import annotations
 
 import inspect
-import logging
-import sys
 
 import pytest
-import torch
 
 from lit_reason.methods import DPO, GRPO
 from lit_reason.methods.base import RLModule
@@ -44,19 +41,10 @@ model:
     (SFT_CONFIG + "    val_limit: 16\n", []),  # in the YAML
     (GRPO_CONFIG, ["--model.init_args.val_limit", "16"]),  # the RL methods never had it either
 ], ids=["sft-cli", "sft-yaml", "grpo-cli"])
-def test_an_old_key_fails_at_parse_time_naming_it(tmp_path, monkeypatch, capsys, config, old_key):
+def test_an_old_key_fails_at_parse_time_naming_it(tmp_path, capsys, built_modules, config, old_key):
     from lit_reason.cli import main
 
-    built = []
-    init = torch.nn.Module.__init__
-
-    def record(self, *a, **kw):  # every model (the LightningModule included) is an nn.Module
-        built.append(type(self).__name__)
-        init(self, *a, **kw)
-
-    monkeypatch.setattr(torch.nn.Module, "__init__", record)
-    monkeypatch.setattr(sys, "argv", ["lit_reason"])
-    monkeypatch.setattr(logging, "raiseExceptions", False)
+    built = built_modules
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(config)
     with pytest.raises(SystemExit) as exit_:
