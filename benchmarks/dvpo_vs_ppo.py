@@ -95,8 +95,8 @@ def read(root: Path, steps_per_iteration: int) -> dict:
     (path,) = root.rglob("metrics.csv")
     evals: dict[int, float] = {}
     for r in csv.DictReader(open(path)):
-        if r.get("eval/accuracy"):
-            evals.setdefault(int(r["step"]), float(r["eval/accuracy"]))
+        if r.get("val/accuracy"):
+            evals.setdefault(int(r["step"]), float(r["val/accuracy"]))
     steps = sorted(evals)
     probe = json.loads((root / PROBE_FILE).read_text())
     curve = [(s / steps_per_iteration, evals[s]) for s in steps]

@@ -58,8 +58,8 @@ def read(root: Path) -> dict:
     rows = list(csv.DictReader(open(path)))
     evals: dict[int, tuple[float, float]] = {}
     for r in rows:
-        if r.get("eval/accuracy"):
-            evals.setdefault(int(r["step"]), (float(r["eval/accuracy"]), float(r["eval/train_seconds"])))
+        if r.get("val/accuracy"):
+            evals.setdefault(int(r["step"]), (float(r["val/accuracy"]), float(r["time/train_seconds"])))
     last = {}
     for r in rows:
         for k, v in r.items():

@@ -95,7 +95,7 @@ def test_fit_writes_logs_config_and_both_callbacks_run(fit_run):
     with metrics[0].open() as f:
         rows = list(csv.DictReader(f))
     # EvalAccuracy (from the recipe) logged at fit start and end ...
-    accuracy = [r["eval/accuracy"] for r in rows if r.get("eval/accuracy")]
+    accuracy = [r["val/accuracy"] for r in rows if r.get("val/accuracy")]
     assert len(accuracy) >= 2 and all(0.0 <= float(a) <= 1.0 for a in accuracy)
     assert any(r.get("train/loss") for r in rows)
     # ... and ExportPolicy (appended by the fragment) wrote a loadable folder

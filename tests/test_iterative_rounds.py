@@ -79,7 +79,7 @@ def dataset_keys(path: Path) -> set:
 
 def make_module(policy_dir: str, tmp_path: Path) -> AllRowsRFT:
     return AllRowsRFT(policy=policy_dir, task="arithmetic", data=str(tmp_path / "data"), collect=dict(COLLECT),
-                      batch_size=8, lr=1e-3, warmup_ratio=0.0, max_new_tokens=16, rollout_batch_size=16,
+                      batch_size=8, lr=1e-3, warmup_steps=0, max_new_tokens=16, rollout_batch_size=16,
                       progress=False)
 
 

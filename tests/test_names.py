@@ -1,7 +1,7 @@
 """One name per concept across the methods (README "Names"; lit_reason/methods/base.py).
 
 * A renamed argument's old key fails when the config is parsed, naming the key, before any model
-  is built (``val_limit`` became ``eval_limit``).
+  is built (``val_limit`` became ``eval_limit``; offline ``warmup_ratio`` became ``warmup_steps``).
 * The shared arguments live once, in :class:`~lit_reason.methods.base.RLModule`, and every online
   and offline method still saves all of them as hyper-parameters (a checkpoint reload re-creates the
   module from them).
@@ -36,12 +36,21 @@ model:
 """
 
 
-@pytest.mark.parametrize("config,old_key", [
-    (SFT_CONFIG, ["--model.init_args.val_limit", "16"]),  # on the command line
-    (SFT_CONFIG + "    val_limit: 16\n", []),  # in the YAML
-    (GRPO_CONFIG, ["--model.init_args.val_limit", "16"]),  # the RL methods never had it either
-], ids=["sft-cli", "sft-yaml", "grpo-cli"])
-def test_an_old_key_fails_at_parse_time_naming_it(tmp_path, capsys, built_modules, config, old_key):
+DPO_CONFIG = """\
+trainer: {accelerator: cpu, devices: 1, max_steps: 1, logger: false, enable_checkpointing: false}
+model:
+  class_path: lit_reason.methods.DPO
+  init_args: {policy: embedded:arithmetic, task: arithmetic}
+"""
+
+
+@pytest.mark.parametrize("config,old_key,name", [
+    (SFT_CONFIG, ["--model.init_args.val_limit", "16"], "val_limit"),  # on the command line
+    (SFT_CONFIG + "    val_limit: 16\n", [], "val_limit"),  # in the YAML
+    (GRPO_CONFIG, ["--model.init_args.val_limit", "16"], "val_limit"),  # the RL methods never had it either
+    (DPO_CONFIG, ["--model.init_args.warmup_ratio", "0.1"], "warmup_ratio"),
+], ids=["sft-cli", "sft-yaml", "grpo-cli", "dpo-warmup-ratio"])
+def test_an_old_key_fails_at_parse_time_naming_it(tmp_path, capsys, built_modules, config, old_key, name):
     from lit_reason.cli import main
 
     built = built_modules
@@ -51,7 +60,7 @@ def test_an_old_key_fails_at_parse_time_naming_it(tmp_path, capsys, built_module
         main(["fit", "--config", str(recipe), *old_key])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "'val_limit' is not accepted" in err, err[-2000:]
+    assert f"'{name}' is not accepted" in err, err[-2000:]
     assert built == [], f"built before failing: {built}"
 
 
@@ -82,3 +91,20 @@ def test_collection_loads_the_policy_on_the_requested_device(tiny_policy_dir):
     # "meta" is the one other device a CPU-only machine has: every parameter must follow the request
     model, _ = load_collecting_policy(str(tiny_policy_dir), device="meta")
     assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("warmup_steps,expected", [(None, 3), (10, 10), (0, 0)])
+def test_offline_warmup_is_in_steps_defaulting_to_3_percent_of_the_run(tiny_policy_dir, warmup_steps, expected):
+    import lightning.pytorch as pl
+
+    module = DPO(policy=str(tiny_policy_dir), max_new_tokens=8, warmup_steps=warmup_steps)
+    trainer = pl.Trainer(max_steps=100, accelerator="cpu", logger=False, enable_checkpointing=False)
+    module.trainer = trainer
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    lr = module.hparams.lr
+    # warmup of W steps: lr * (s + 1) / W for s < W, then the full lr at s = W (cosine starts at 1)
+    factors = [scheduler.lr_lambdas[0](s) for s in range(expected + 1)]
+    if expected:
+        assert factors[:expected] == pytest.approx([(s + 1) / expected for s in range(expected)])
+    assert factors[expected] == pytest.approx(1.0)
+    assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(lr * factors[0])

@@ -150,7 +150,7 @@ def test_lora_reference_is_the_base_with_adapter_disabled(tiny_policy_dir):
     assert not torch.allclose(adapted, ref)  # random (non-zero) LoRA init changes the policy
 
 
-def test_eval_train_seconds_exclude_evaluation_time(tmp_path, tiny_policy_dir):
+def test_time_train_seconds_exclude_evaluation_time(tmp_path, tiny_policy_dir):
     import csv
     import time
 
@@ -176,7 +176,7 @@ def test_eval_train_seconds_exclude_evaluation_time(tmp_path, tiny_policy_dir):
     trainer.fit(module)
     fit_seconds = time.perf_counter() - fit_started
     with open(next(tmp_path.rglob("metrics.csv"))) as f:
-        seconds = [float(r["eval/train_seconds"]) for r in csv.DictReader(f) if r.get("eval/train_seconds")]
+        seconds = [float(r["time/train_seconds"]) for r in csv.DictReader(f) if r.get("time/train_seconds")]
     # one iteration = 2 optimiser steps (2 epochs x 1 minibatch): evaluated at steps 0 and 2
     assert [step for step, _ in evaluator.history] == [0, 2]
     assert len(seconds) == len(evaluator.durations) == 2

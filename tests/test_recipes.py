@@ -147,11 +147,11 @@ def test_recipe_runs_briefly(name, tmp_path, embedded_arithmetic):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = read_metrics(root)
     keys = {k for r in rows for k, v in r.items() if v != ""}
-    evals = [float(r["eval/accuracy"]) for r in rows if r.get("eval/accuracy")]
+    evals = [float(r["val/accuracy"]) for r in rows if r.get("val/accuracy")]
     if name in NO_POLICY_TRAINING:
         assert {"gvm/val_loss", "gvm/pairs"} <= keys
     else:
-        assert len(evals) >= 2, "eval/accuracy is logged before training and at the end"
+        assert len(evals) >= 2, "val/accuracy is logged before training and at the end"
         assert all(0.0 <= a <= 1.0 for a in evals)
     assert list(root.rglob("config.yaml")), "the resolved config is saved in the run folder"
     if name in ONLINE:

@@ -24,12 +24,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from wandb_history import history
+
+from lit_reason.cli import WANDB_FLUSH_SECONDS
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_torch_thread")]
 
 # columns that measure wall-clock, not training
-TIMING = {"eval/train_seconds"}
+TIMING = {"time/train_seconds"}
 
 COMMON = """\
 seed_everything: 0
@@ -139,7 +142,7 @@ def test_online_resume_is_exact(tmp_path, embedded_arithmetic, cls, extra):
     # one step axis: training rows at the optimiser step after their iteration (2 per iteration)
     train_steps = [int(r["step"]) for r in table if "train/reward" in r]
     assert train_steps == list(range(2, 17, 2))
-    assert [int(r["step"]) for r in table if "eval/accuracy" in r] == [0, 4, 8, 12, 16]
+    assert [int(r["step"]) for r in table if "val/accuracy" in r] == [0, 4, 8, 12, 16]
     assert {int(r["step"]) for r in table if "value/mae_vs_mc" in r} == {0, 4, 8, 12, 16}
 
 
@@ -169,6 +172,10 @@ def test_sigkilled_vineppo_resumes_exactly_in_its_folder_and_wandb_run(tmp_path,
     while not (version / "checkpoints" / "last.ckpt").exists() and killed.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert killed.poll() is None, "the run ended before it could be killed: " + killed.communicate()[1][-2000:]
+    saved_step = max(int(p.stem.split("=")[1]) for p in (version / "checkpoints").glob("step=*.ckpt"))
+    # the CLI has W&B flush its run file every second: 2 s after the checkpoint, every row logged
+    # up to it must be on disk when the process dies
+    time.sleep(2 * float(WANDB_FLUSH_SECONDS))
     killed.send_signal(signal.SIGKILL)
     killed.communicate()
     assert killed.returncode == -signal.SIGKILL
@@ -185,6 +192,13 @@ def test_sigkilled_vineppo_resumes_exactly_in_its_folder_and_wandb_run(tmp_path,
     run_id = json.loads((version / "run.json").read_text())["wandb_id"]
     segments = sorted((tmp_path / "b" / "wandb").glob("offline-run-*"))
     assert len(segments) == 2 and all(p.name.endswith(f"-{run_id}") for p in segments)
+    # the kill lost no W&B row logged up to the checkpoint: each (metric, step) of the reference
+    # run's metrics.csv up to that step is in the killed segment's history
+    killed_history = history(next(segments[0].glob("run-*.wandb")))
+    on_disk = {(k, row["trainer/global_step"]) for row in killed_history for k in row if not k.startswith("_")}
+    expected = {(k, int(r["step"])) for r in rows(reference_version) for k in r
+                if k != "step" and int(r["step"]) <= saved_step}
+    assert expected and expected <= on_disk, sorted(expected - on_disk)[:10]
     # the closing summary names the folder and the W&B run
     summary = [line for line in out.splitlines() if line.startswith("lit_reason: fit done")]
     assert summary and str(version) in summary[0] and run_id in summary[0] and "accuracy" in summary[0]
@@ -212,7 +226,7 @@ def test_offline_oreo_resume_is_exact(tmp_path, embedded_arithmetic):
     recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "unused", OREO.format(data=tmp_path / "data"))
     version_a, _ = stop_and_resume(tmp_path, recipe, ckpt_step=8, last_step=16)
     table = rows(version_a)
-    assert [int(r["step"]) for r in table if "eval/accuracy" in r] == [0, 4, 8, 12, 16]
+    assert [int(r["step"]) for r in table if "val/accuracy" in r] == [0, 4, 8, 12, 16]
     train_steps = [int(r["step"]) for r in table if any(k.startswith("train/") for k in r)]
     assert train_steps and all(s % 2 == 0 for s in train_steps)  # on the optimiser-step axis
 

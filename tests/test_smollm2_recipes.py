@@ -57,7 +57,7 @@ def test_smollm2_recipe_runs_briefly(name, tmp_path):
     (metrics,) = root.rglob("metrics.csv")
     with open(metrics) as f:
         rows = list(csv.DictReader(f))
-    evals = [float(r["eval/accuracy"]) for r in rows if r.get("eval/accuracy")]
+    evals = [float(r["val/accuracy"]) for r in rows if r.get("val/accuracy")]
     assert len(evals) >= 2 and all(a in (0.0, 0.25, 0.5, 0.75, 1.0) for a in evals)  # 4 prompts, start and end
     keys = {k for r in rows for k, v in r.items() if v != ""}
     assert "train/loss" in keys or "train/pg_loss" in keys

@@ -19,7 +19,7 @@ def test_sweep_shape(path):
     sweep = yaml.safe_load(path.read_text())
     assert sweep["command"][:4] == ["python", "-m", "lit_reason", "fit"]
     assert sweep["command"][-1] == "${args}"
-    assert sweep["metric"]["name"] == "eval/accuracy"
+    assert sweep["metric"]["name"] == "val/accuracy"
     recipe = sweep["command"][sweep["command"].index("--config") + 1]
     assert (REPO / recipe).is_file()
 
@@ -91,12 +91,12 @@ def test_offline_sweep_runs_three_trials_and_names_the_best(tmp_path, embedded_a
     best = max(trials, key=lambda t: t["metric"])
     table = proc.stdout[proc.stdout.index("| trial"):]
     assert table.count("\n| ") == 1 + 3  # separator line + one row per trial
-    assert f"best: trial {best['trial']} (eval/accuracy {best['metric']:.4f}, maximize)" in table
+    assert f"best: trial {best['trial']} (val/accuracy {best['metric']:.4f}, maximize)" in table
 
 
 def test_sweep_file_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("method: random\nmetric: {name: eval/accuracy}\nparameters: {}\ncommand: [python, -m, lit_reason, fit]\n")
+    bad.write_text("method: random\nmetric: {name: val/accuracy}\nparameters: {}\ncommand: [python, -m, lit_reason, fit]\n")
     proc = subprocess.run([sys.executable, "-m", "lit_reason", "sweep", str(bad), "--count", "1"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

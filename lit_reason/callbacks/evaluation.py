@@ -1,4 +1,4 @@
-"""Held-out accuracy of the policy during training, logged as ``eval/accuracy``."""
+"""Held-out accuracy of the policy during training, logged as ``val/accuracy`` (``test/accuracy`` on the test split)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ def log_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         trainer.callback_metrics[k] = torch.tensor(float(v))
 
 
+def accuracy_name(split: str) -> str:
+    """The one name of greedy accuracy on ``split``, shared with the ``validate``/``test`` loops."""
+    return {"validation": "val/accuracy", "test": "test/accuracy"}.get(split, f"{split}/accuracy")
+
+
 class EvalAccuracy(pl.Callback):
     """Greedy accuracy on held-out prompts: before training, every N steps, and at the end.
 
@@ -31,7 +36,8 @@ class EvalAccuracy(pl.Callback):
     Under several processes each rank grades a shard and the counts are summed.
 
     Args:
-        split: Task split to evaluate on (held out from training).
+        split: Task split to evaluate on (held out from training); the metric is
+            ``val/accuracy`` for ``validation``, ``test/accuracy`` for ``test``.
         limit: Number of examples (the first ``limit`` of the split, so every run sees the same).
         every_n_steps: Also evaluate every N optimiser steps (None: only start and end).
         every_n_epochs: Also evaluate at the end of every N-th epoch (offline methods; with
@@ -83,7 +89,7 @@ class EvalAccuracy(pl.Callback):
         # training time of accuracy-vs-time curves (0 at the fit-start evaluation)
         elapsed = started - self._fit_start - self._eval_seconds
         self._eval_seconds += time.perf_counter() - started
-        log_metrics(trainer, {"eval/accuracy": acc, "eval/train_seconds": elapsed})
+        log_metrics(trainer, {accuracy_name(self.split): acc, "time/train_seconds": elapsed})
         return acc
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -21,16 +21,16 @@ several optimiser steps per batch (online PPO epochs, DVPO stage 1, OREO's criti
 One name per concept across methods (old names fail at parse time, README "Names"):
 
 * ``eval_limit``: prompts (examples, for SFT) of the ``validate``/``test`` loops;
-* ``warmup_steps``: LR warmup in optimiser steps (online methods, SFT); offline methods use
-  ``warmup_ratio`` instead, a *fraction* of the run, because their length is often set in epochs
-  and only known once the Trainer has the dataset;
+* ``warmup_steps``: LR warmup in optimiser steps, every method (offline methods default to 3% of
+  the run, whose length is often set in epochs and known only once the Trainer has the dataset);
 * ``kl_coef``: weight of a KL penalty to the reference in the *loss*; ``kl_reward_coef``: weight
   of a per-token KL penalty in the *reward* (DVPO, which can have both);
 * ``beta``: not a KL penalty weight but the temperature of an implicit reward
   ``beta * log pi/pi_ref`` (DPO, OREO, DQO, DVO), as in their papers;
-* ``val/accuracy`` / ``test/accuracy``: greedy accuracy logged by the ``validate``/``test`` loops;
-  ``eval/accuracy`` is the :class:`~lit_reason.callbacks.EvalAccuracy` training curve (during
-  ``fit``, against optimiser steps, on the split the callback names).
+* ``val/accuracy`` / ``test/accuracy``: greedy accuracy on the validation / test split, whether
+  the ``validate``/``test`` loops or :class:`~lit_reason.callbacks.EvalAccuracy` (during ``fit``,
+  against optimiser steps) measured it; ``time/train_seconds`` is the training time at each
+  ``EvalAccuracy`` evaluation.
 """
 
 from __future__ import annotations

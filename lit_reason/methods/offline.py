@@ -28,6 +28,9 @@ from lit_reason.methods.common import ExampleRows, as_list, warmup_cosine
 from lit_reason.models.logprobs import pack_states, response_logprobs
 from lit_reason.rollout.batch import TrajectoryBatch
 
+# warmup of an offline run whose `warmup_steps` is None: OREO's 3% of the optimiser steps
+DEFAULT_WARMUP_RATIO = 0.03
+
 COLLECT_KEYS = {"samples", "limit", "split", "temperature", "top_p", "seed", "chunk_size", "batch_size"}
 _CKPT_KEY = "lit_reason_offline"
 
@@ -62,9 +65,9 @@ class OfflineRL(RLModule):
             ``chunk_size``, ``batch_size``. None: ``data`` must exist.
         batch_size: Training items per optimiser step.
         lr: Policy learning rate (AdamW, betas (0.9, 0.95)).
-        warmup_ratio: Linear warmup over this fraction of the run's optimiser steps, then cosine
-            decay to 10% (OREO: 3%). A fraction, not steps: offline runs are usually set in epochs,
-            whose steps are known only once the dataset is.
+        warmup_steps: Linear warmup over this many optimiser steps, then cosine decay to 10%.
+            None: 3% of the run's optimiser steps (OREO's warmup ratio), because offline runs are
+            usually set in epochs, whose steps are known only once the dataset is.
     """
 
     def __init__(
@@ -73,7 +76,7 @@ class OfflineRL(RLModule):
         collect: dict | None = None,
         batch_size: int = 16,
         lr: float = 1e-5,
-        warmup_ratio: float = 0.03,
+        warmup_steps: int | None = None,
         **kwargs,
     ) -> None:
         if batch_size < 1:
@@ -221,7 +224,8 @@ class OfflineRL(RLModule):
         """AdamW (betas 0.9/0.95) with warmup-cosine over the run, as a Lightning config dict."""
         opt = self.adamw(params, lr)
         total = self.total_steps()
-        sched = warmup_cosine(opt, int(self.hparams.warmup_ratio * total), total)
+        warmup = self.hparams.warmup_steps
+        sched = warmup_cosine(opt, int(DEFAULT_WARMUP_RATIO * total) if warmup is None else warmup, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_optimizers(self):

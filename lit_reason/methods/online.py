@@ -161,7 +161,8 @@ class OnlineRL(RLModule):
         stats.update({f"train/{k}": v / n for k, v in sums.items()})
         stats["train/skipped_iterations"] = float(self.skipped_iterations)
         self.log_dict(stats, prog_bar=False)
-        self.log("reward", traj.rewards.mean(), prog_bar=True)
+        # the bar shows it; loggers already get it as train/reward
+        self.log("reward", traj.rewards.mean(), prog_bar=True, logger=False)
         return None
 
     def _any_rank(self, flag: bool) -> bool:
