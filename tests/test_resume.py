@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from wandb_history import history
+from lit_reason.wandb_history import history
 
 from lit_reason.cli import WANDB_FLUSH_SECONDS
 

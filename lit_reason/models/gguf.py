@@ -41,8 +41,9 @@ ALIASES: dict[str, tuple[str, str, str]] = {
 }
 
 
-def is_gguf_name(name: str) -> bool:
+def is_gguf_name(name: str | os.PathLike) -> bool:
     """Whether a policy name is a ``.gguf`` path or a GGUF alias (see module doc)."""
+    name = os.fspath(name)  # a Path from Python code is as good as the config's string
     return name.lower().endswith(".gguf") or name in ALIASES or name.split(":", 1)[0] in _alias_families()
 
 

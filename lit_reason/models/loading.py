@@ -88,7 +88,7 @@ def hub_offline() -> bool:
 
 def load_tokenizer(name_or_path: str, **kwargs):
     """The tokenizer of a policy name (see module doc); ``kwargs`` go to ``from_pretrained``."""
-    name_or_path = _resolve_gguf(name_or_path)
+    name_or_path = _resolve_gguf(os.fspath(name_or_path))  # a Path works as well as its string
     if name_or_path.startswith(EMBEDDED_PREFIX):
         if name_or_path == "embedded:tiny":
             from lit_reason.models.tiny import build_tokenizer
@@ -126,7 +126,7 @@ def load_policy(
         without config or weights, a truncated weight file, or a hub name that cannot be fetched.
     """
     torch_dtype = resolve_dtype(dtype)
-    name_or_path = _resolve_gguf(name_or_path)
+    name_or_path = _resolve_gguf(os.fspath(name_or_path))  # a Path works as well as its string
     if name_or_path.startswith(EMBEDDED_PREFIX):
         if name_or_path not in EMBEDDED_NAMES:
             raise ValueError(f"unknown embedded policy {name_or_path!r}; known: {', '.join(EMBEDDED_NAMES)}")

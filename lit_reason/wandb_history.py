@@ -1,8 +1,9 @@
-"""Reads the history rows of an offline W&B run file (``run-<id>.wandb``) without W&B's sync.
+"""Reads the history rows of an offline W&B run file (``run-<id>.wandb``) without W&B's sync:
+what a killed run left on disk (``tests/test_resume.py``, ``benchmarks/wandb_kill_loss.py``).
 
 The file is W&B's record log: a 7-byte header, then 32 KiB blocks of LevelDB-log records
 (checksum u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last), each record a
-``wandb_internal.Record`` protobuf. Only what the tests need: the ``history`` records, as dicts.
+``wandb_internal.Record`` protobuf. Only the ``history`` records are decoded, as dicts.
 """
 
 from __future__ import annotations
