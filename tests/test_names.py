@@ -108,3 +108,31 @@ def test_offline_warmup_is_in_steps_defaulting_to_3_percent_of_the_run(tiny_poli
         assert factors[:expected] == pytest.approx([(s + 1) / expected for s in range(expected)])
     assert factors[expected] == pytest.approx(1.0)
     assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(lr * factors[0])
+
+
+METRIC_PREFIXES = ("train", "val", "test", "time", "value", "gvm", "data", "rounds", "eval")
+
+
+def test_every_metric_name_the_docs_give_is_one_the_code_logs():
+    """A metric README or docs/ names (`prefix/name`) is a string the package logs: either the literal
+    key, or ``"name"`` where the package builds ``f"prefix/{...}"`` keys (calibration metrics come
+    from lit_reason.metrics.calibration's dict, prefixed by the callback)."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    source = "\n".join(p.read_text() for p in (repo / "lit_reason").rglob("*.py"))
+    pattern = re.compile(r"`((?:%s)/[a-z_0-9]+)`" % "|".join(METRIC_PREFIXES))
+    documented = set()
+    for doc in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]:
+        for line in doc.read_text().splitlines():
+            if "was `" not in line:  # the rename notes name the old keys on purpose
+                documented.update(pattern.findall(line))
+    assert "val/accuracy" in documented and "value/mae_vs_mc" in documented
+
+    def logged(name: str) -> bool:
+        prefix, key = name.split("/", 1)
+        return f'"{name}"' in source or (f'f"{prefix}/{{' in source and f'"{key}"' in source)
+
+    missing = sorted(n for n in documented if not logged(n))
+    assert not missing, f"documented but never logged: {missing}"
