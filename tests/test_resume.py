@@ -316,3 +316,55 @@ def test_dvo_with_target_refresh_resumes_exactly_before_and_after_the_refresh(tm
         assert (root / "mcts_refresh" / "refresh1").exists() == (ckpt_step == 8)
         assert strip(rows(version)) == strip(table)
         assert_same_params(version_a / "checkpoints" / f"step={last}.ckpt", version / "checkpoints" / f"step={last}.ckpt")
+
+
+RFT_ROUNDS = """\
+  max_epochs: 3
+model:
+  class_path: lit_reason.methods.RFT
+  init_args:
+    policy: embedded:arithmetic
+    task: """ + TASK + """
+    data: {data}
+    collect: {{samples: 4, limit: 16, temperature: 1.0}}
+    batch_size: 2
+    lr: 1.0e-4
+    max_new_tokens: 40
+    progress: false
+"""
+
+ROUNDS = REPO / "callbacks" / "iterative_rounds.yaml"
+ROUNDS_TIMING = {"rounds/build_seconds", "data/build_seconds"}
+
+
+def test_iterative_rounds_resume_exactly_across_a_round_switch(tmp_path, embedded_arithmetic):
+    # RFT, 3 rounds of one epoch; checkpoints every 8 steps: the resumed run starts from the first
+    # checkpoint after the switch to round 1 (its data named by the checkpoint, not collected again)
+    # and must collect round 2 itself, identically, into its own root
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "unused", RFT_ROUNDS.format(data=tmp_path / "data"),
+                          calibrate=False)
+    base = ["--config", str(recipe), "--config", str(CHECKPOINT), "--config", str(ROUNDS)]
+    fit([*base, "--trainer.default_root_dir", str(tmp_path / "a")])
+    version_a = tmp_path / "a" / "csv" / "version_0"
+
+    def strip(table):
+        return [{k: v for k, v in r.items() if k not in ROUNDS_TIMING} for r in table]
+
+    table = rows(version_a)
+    switches = [int(r["step"]) for r in table if "rounds/rows" in r]
+    assert len(switches) == 2, switches  # rounds 1 and 2
+    saved = sorted(int(p.stem.split("=")[1]) for p in (version_a / "checkpoints").glob("step=*.ckpt"))
+    after_switch = [s for s in saved if switches[0] <= s < switches[1]]
+    assert after_switch, f"no checkpoint inside round 1 (switches at {switches}, checkpoints {saved})"
+    ckpt_step, last = after_switch[0], saved[-1]
+    root = tmp_path / "b"
+    version = root / "csv" / "version_0"
+    shutil.copytree(version_a, version)
+    for ckpt in (version / "checkpoints").glob("*.ckpt"):
+        if ckpt.name != f"step={ckpt_step}.ckpt":
+            ckpt.unlink()
+    (version / "run.json").unlink()
+    fit([*base, "--trainer.default_root_dir", str(root), "--ckpt_path", str(version / "checkpoints" / f"step={ckpt_step}.ckpt")])
+    assert not (root / "rounds" / "round1").exists() and (root / "rounds" / "round2").exists()
+    assert strip(rows(version)) == strip(table)
+    assert_same_params(version_a / "checkpoints" / f"step={last}.ckpt", version / "checkpoints" / f"step={last}.ckpt")

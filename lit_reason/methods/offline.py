@@ -92,6 +92,7 @@ class OfflineRL(RLModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
+        self._schedule_steps = None  # each fit estimates its schedule (a resume restores it after this)
         if self.data_path is None:
             self.data_path = Path(self.trainer.default_root_dir) / "data"
         if self.builds_data():
@@ -207,18 +208,26 @@ class OfflineRL(RLModule):
 
     # ---- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[_CKPT_KEY] = {"data": str(self.data_path) if self.data_path else None}
+        checkpoint[_CKPT_KEY] = {"data": str(self.data_path) if self.data_path else None,
+                                 "schedule_steps": getattr(self, "_schedule_steps", None)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get(_CKPT_KEY) or {}
         if state.get("data"):
             self.use_dataset(state["data"])
+        # Lightning restores the module before configure_optimizers: the schedule keeps the length
+        # the run started with (a resume inside a later IterativeRounds round would re-estimate it
+        # from that round's dataset, and the LR would differ from the uninterrupted run's)
+        if state.get("schedule_steps"):
+            self._schedule_steps = int(state["schedule_steps"])
 
     # ---- optimisation -----------------------------------------------------------------------
     def total_steps(self) -> int:
-        """Optimiser steps of the run (``max_steps``, else Lightning's estimate)."""
-        t = self.trainer
-        return int(t.max_steps) if t.max_steps and t.max_steps > 0 else int(t.estimated_stepping_batches)
+        """Optimiser steps of the run (``max_steps``, else Lightning's estimate), fixed at its start."""
+        if getattr(self, "_schedule_steps", None) is None:
+            t = self.trainer
+            self._schedule_steps = int(t.max_steps) if t.max_steps and t.max_steps > 0 else int(t.estimated_stepping_batches)
+        return self._schedule_steps
 
     def make_optimizer(self, params, lr: float):
         """AdamW (betas 0.9/0.95) with warmup-cosine over the run, as a Lightning config dict."""

@@ -42,6 +42,7 @@ from lit_reason.losses.oreo import (
 )
 from lit_reason.methods.offline import OfflineRL
 from lit_reason.models.logprobs import full_kl, gather_logprobs, response_logits
+from lit_reason.models.shared_trunk import check_not_sharded, check_share_trunk
 from lit_reason.models.value import ValueModel
 from lit_reason.rollout.batch import TrajectoryBatch
 
@@ -83,7 +84,11 @@ class ValueOfflineRL(OfflineRL):
         beta: KL coefficient of the log-ratio (source: 0.03). Must be > 0.
         critic_lr: Value-model learning rate (None: ``lr``; OREO 7B with critic LoRA: 1e-4).
         critic_lora: LoRA arguments for the value model's trunk (OREO 7B: r 64, alpha 64,
-            all-linear); None trains it fully.
+            all-linear); None trains it fully (or, with ``share_trunk``, uses the policy's ``lora``).
+        share_trunk: With a LoRA policy (``lora``), the value model reuses the policy's base weights
+            (one copy in memory) and trains its own adapter (``critic_lora``, else the policy's
+            ``lora`` arguments) plus its head; not under FSDP. DVPO's global value model has no such
+            option: the GVM is trained in its own run and loaded frozen from its folder.
         value_source: What ``state_values`` returns (value calibration): ``explicit`` = V_phi at the
             last token of the state; ``implicit`` = ``V_phi(S_0) + beta * sum log pi/pi_ref`` of the
             partial response (OREO Fig. 1's implicit value). Run twice to compare them.
@@ -105,6 +110,7 @@ class ValueOfflineRL(OfflineRL):
         beta: float = 0.03,
         critic_lr: float | None = None,
         critic_lora: dict | None = None,
+        share_trunk: bool = False,
         value_source: str = "explicit",
         importance_sampling: bool = False,
         is_clip: float = 1.0,
@@ -123,15 +129,25 @@ class ValueOfflineRL(OfflineRL):
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if max_pos < 0 or max_neg < 0:
             raise ValueError(f"max_pos and max_neg must be >= 0, got {max_pos}, {max_neg}")
+        check_share_trunk(share_trunk, kwargs.get("lora"))
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["task"])
         self.automatic_optimization = False  # two optimisers, stepped in a fixed order
         # docs/oreo.md: a separate LM from the same start policy, head Linear(h, 1, bias=False) at 0
-        self.value_model = ValueModel.from_policy_name(self.hparams.policy, dtype=self.hparams.dtype,
-                                                       lora=critic_lora, bias=False, zero_init=True)
+        if share_trunk:  # the same start trunk, not a copy: its own adapter on the policy's base weights
+            self.value_model = ValueModel.shared_with(self.policy, critic_lora or self.hparams.lora, bias=False,
+                                                      zero_init=True)
+        else:
+            self.value_model = ValueModel.from_policy_name(self.hparams.policy, dtype=self.hparams.dtype,
+                                                           lora=critic_lora, bias=False, zero_init=True)
 
     def trainable_models(self) -> dict[str, torch.nn.Module]:
         return {**super().trainable_models(), "value_model": self.value_model}
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.share_trunk:
+            check_not_sharded(self)  # before the data build, which may take long
+        super().setup(stage)
 
     # ---- items ------------------------------------------------------------------------------
     def select_items(self, rows: list[dict]) -> list[dict]:
@@ -214,8 +230,12 @@ class ValueOfflineRL(OfflineRL):
     def configure_optimizers(self):
         """``(critic, policy)``: two AdamW (betas 0.9/0.95) with warmup-cosine (docs/oreo.md)."""
         critic_lr = self.hparams.critic_lr if self.hparams.critic_lr is not None else self.hparams.lr
-        critic = self.make_optimizer([p for p in self.value_model.parameters() if p.requires_grad], critic_lr)
-        policy = self.make_optimizer([p for p in self.policy.parameters() if p.requires_grad], self.hparams.lr)
+        shared = self.value_model.shared
+        # on a shared trunk both adapters live in both models: each optimiser takes its own adapter
+        policy_params = (shared.policy_parameters() if shared is not None
+                         else [p for p in self.policy.parameters() if p.requires_grad])
+        critic = self.make_optimizer(self.value_model.trainable_parameters(), critic_lr)
+        policy = self.make_optimizer(policy_params, self.hparams.lr)
         return critic, policy
 
     # ---- values -----------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Value models: a causal-LM trunk with a scalar head, read at every position.
 
 Used as PPO's critic (separate trunk initialised from the policy checkpoint), OREO/DQO's value
-model (zero-initialised, bias-free head), and DVPO's global value model.
+model (zero-initialised, bias-free head), and DVPO's global value model. With a LoRA policy, PPO's
+critic and OREO/DQO's value model can instead share the policy's trunk through their own adapter
+(:meth:`ValueModel.shared_with`, :mod:`lit_reason.models.shared_trunk`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -17,6 +20,7 @@ from torch import nn
 from lit_reason.io import atomic_dir
 from lit_reason.models.logprobs import position_ids_from_mask
 from lit_reason.models.policy import build_policy
+from lit_reason.models.shared_trunk import SharedTrunk
 
 
 VALUE_FORMAT = "lit_reason.value_model"
@@ -46,6 +50,7 @@ class ValueModel(nn.Module):
     def __init__(self, trunk: nn.Module, hidden_size: int, bias: bool = True, zero_init: bool = False) -> None:
         super().__init__()
         self.trunk = trunk
+        self.shared: SharedTrunk | None = None  # set by shared_with: the trunk is the policy's
         self.head = nn.Linear(hidden_size, 1, bias=bias)
         if zero_init:
             nn.init.zeros_(self.head.weight)
@@ -68,10 +73,37 @@ class ValueModel(nn.Module):
             model._peft_wrapper = [lm]
         return model
 
+    @classmethod
+    def shared_with(cls, policy, lora: dict, bias: bool = True, zero_init: bool = False) -> "ValueModel":
+        """A fresh value model on the LoRA ``policy``'s own trunk, trained through a new adapter.
+
+        No second copy of the base weights: the trunk is the policy's transformer body, and every
+        forward of this model runs the ``value`` adapter (:class:`~lit_reason.models.shared_trunk.SharedTrunk`).
+        Its trainable parameters are that adapter's and the head's (:meth:`trainable_parameters`).
+
+        Args:
+            policy: A ``peft.PeftModel`` (the policy built with ``lora``).
+            lora: ``peft.LoraConfig`` arguments of the value adapter.
+            bias: Whether the head has a bias.
+            zero_init: Start the head at zero.
+        """
+        shared = SharedTrunk(policy, lora)
+        model = cls(shared.body, policy.config.hidden_size, bias=bias, zero_init=zero_init)
+        model.shared = shared  # a plain object: not a submodule (the policy is registered where it lives)
+        return model
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What this model's optimiser trains: the value adapter and the head on a shared trunk, else
+        every parameter that requires grad (a shared trunk also holds the policy's adapter)."""
+        if self.shared is not None:
+            return self.shared.value_parameters() + list(self.head.parameters())
+        return [p for p in self.parameters() if p.requires_grad]
+
     def save(self, dirpath: str | os.PathLike, tokenizer=None) -> Path:
         """Writes the value model to ``dirpath`` (atomically: temp folder, then rename).
 
-        Layout: the trunk as a ``save_pretrained`` folder (a LoRA adapter merged in first), the
+        Layout: the trunk as a ``save_pretrained`` folder (a LoRA adapter merged in first; on a
+        trunk shared with the policy, the value adapter only), the
         head in ``value_head.pt`` and ``value_head.json`` (``format``, ``version``, ``hidden_size``,
         ``bias``), and the tokenizer when given. :meth:`load` reads it back.
         """
@@ -79,7 +111,9 @@ class ValueModel(nn.Module):
         with atomic_dir(dirpath) as tmp:  # temp folder beside it, then swapped in
             trunk = self.trunk
             wrapper = getattr(self, "_peft_wrapper", None)
-            if wrapper:
+            if self.shared is not None:
+                trunk = self.shared.merged_value_body()
+            elif wrapper:
                 trunk = lm_trunk(copy.deepcopy(wrapper[0]).merge_and_unload())
             trunk.save_pretrained(tmp)
             torch.save({k: v.detach().cpu() for k, v in self.head.state_dict().items()}, tmp / VALUE_HEAD_WEIGHTS)
@@ -160,8 +194,9 @@ class ValueModel(nn.Module):
         Returns:
             [B, T] float values; entry t is the value of the prefix ending at token t.
         """
-        out = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids_from_mask(attention_mask))
+        with self.shared.value_forward() if self.shared is not None else nullcontext():
+            out = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids_from_mask(attention_mask))
         hidden = out.last_hidden_state
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
 
