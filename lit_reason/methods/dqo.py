@@ -36,7 +36,7 @@ TOKEN_REDUCTIONS = ("mean", "sum")
 
 class DQO(ValueOfflineRL):
     """DQO, reconstructed (docs/dqo.md). Other arguments: :class:`~lit_reason.methods.oreo.ValueOfflineRL`
-    (``beta``, ``critic_lr``, ``critic_lora``, ``value_source``, ``is_clip``, ``selection`` ...) and
+    (``beta``, ``critic_lr``, ``critic_lora``, ``share_trunk``, ``value_source``, ``is_clip``, ``selection`` ...) and
     :class:`~lit_reason.methods.offline.OfflineRL`.
 
     Args:

@@ -1,7 +1,8 @@
 """OREO: Offline REasoning Optimization (arXiv 2412.16145; docs/oreo.md) as a LightningModule.
 
 A policy pi_theta and a **separate** value model V_phi (a copy of the start policy's trunk with a
-zero-initialised, bias-free scalar head) are trained on an offline trajectory dataset with the
+zero-initialised, bias-free scalar head; with ``share_trunk``, the LoRA policy's own base weights
+with a second adapter) are trained on an offline trajectory dataset with the
 soft-Bellman losses of :mod:`lit_reason.losses.oreo` (paper Eqs. 8-9; token level by default, step
 and response level as options). Per batch, exactly as docs/oreo.md:
 
@@ -129,7 +130,7 @@ class ValueOfflineRL(OfflineRL):
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if max_pos < 0 or max_neg < 0:
             raise ValueError(f"max_pos and max_neg must be >= 0, got {max_pos}, {max_neg}")
-        check_share_trunk(share_trunk, kwargs.get("lora"))
+        check_share_trunk(share_trunk, kwargs.get("lora"), critic_lora)
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["task"])
         self.automatic_optimization = False  # two optimisers, stepped in a fixed order

@@ -2,7 +2,9 @@
 
 The critic is a separate LM with a scalar head initialised from the policy checkpoint, trained
 jointly with the clipped value loss 0.5 * masked_mean(max((V-G)^2, (clip(V, V_old +- c) - G)^2)).
-GAE uses gamma = lambda = 1 by default; advantages are whitened over the global batch.
+GAE uses gamma = lambda = 1 by default; advantages are whitened over the global batch. With a LoRA
+policy and ``share_trunk``, the critic is instead the policy's own base weights with a second adapter
+(:mod:`lit_reason.models.shared_trunk`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from lit_reason.losses.common import masked_whiten
 from lit_reason.losses.ppo import gae_advantages, terminal_rewards, value_loss
 from lit_reason.methods.online import OnlineRL
+from lit_reason.models.shared_trunk import check_not_sharded, check_share_trunk
 from lit_reason.models.value import ValueModel
 from lit_reason.rollout.batch import TrajectoryBatch
 
@@ -25,19 +28,48 @@ class PPO(OnlineRL):
         lam: GAE lambda (1.0 likewise).
         value_clip: Clip range of the value loss around the rollout-time values.
         vf_coef: Weight of the value loss in the summed loss (separate parameters, one optimiser).
+        share_trunk: With a LoRA policy (``lora``), the critic reuses the policy's base weights (one
+            copy in memory) and trains its own adapter (the policy's ``lora`` arguments) plus its
+            head, in the critic's parameter group; not under FSDP. DVPO's global value model has no
+            such option: the GVM is trained in its own run and loaded frozen from its folder.
     """
 
     def __init__(self, critic_lr: float = 1e-4, gamma: float = 1.0, lam: float = 1.0, value_clip: float | None = 0.2,
-                 vf_coef: float = 1.0, **kwargs) -> None:
+                 vf_coef: float = 1.0, share_trunk: bool = False, **kwargs) -> None:
+        check_share_trunk(share_trunk, kwargs.get("lora"))
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["task"])
-        self.critic = ValueModel.from_policy_name(self.hparams.policy, dtype=self.hparams.dtype, lora=self.hparams.lora)
+        if share_trunk:
+            self.critic = ValueModel.shared_with(self.policy, self.hparams.lora)
+        else:
+            self.critic = ValueModel.from_policy_name(self.hparams.policy, dtype=self.hparams.dtype,
+                                                      lora=self.hparams.lora)
 
     def trainable_models(self) -> dict[str, torch.nn.Module]:
         return {**super().trainable_models(), "critic": self.critic}
 
+    def setup(self, stage: str) -> None:
+        if self.hparams.share_trunk:
+            check_not_sharded(self)
+        super().setup(stage)
+
     def critic_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.critic.parameters() if p.requires_grad]
+        return self.critic.trainable_parameters()
+
+    def configure_optimizers(self):
+        shared = self.critic.shared
+        if shared is None:
+            return super().configure_optimizers()
+        # OnlineRL's policy group is the policy's parameters that require grad; on a shared trunk the
+        # value adapter is one of them (it is the critic group's), so it is left out while the groups are built
+        value = shared.value_parameters()
+        for p in value:
+            p.requires_grad_(False)
+        try:
+            return super().configure_optimizers()
+        finally:
+            for p in value:
+                p.requires_grad_(True)
 
     def compute_advantages(self, traj: TrajectoryBatch) -> torch.Tensor:
         with torch.no_grad():

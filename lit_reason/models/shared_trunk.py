@@ -31,22 +31,31 @@ VALUE_ADAPTER = "value"
 UNSUPPORTED_LORA_KEYS = ("modules_to_save", "trainable_token_indices")  # extra trained copies of whole modules
 
 
-def check_share_trunk(share_trunk: bool, lora: dict | None) -> None:
+def check_share_trunk(share_trunk: bool, lora: dict | None, value_lora: dict | None = None,
+                      value_key: str = "critic_lora") -> None:
     """Fails early (before any model is loaded) when ``share_trunk`` cannot work.
+
+    Args:
+        share_trunk: The method's argument.
+        lora: The policy's LoRA arguments.
+        value_lora: The value adapter's own LoRA arguments, if the method has them.
+        value_key: Their argument name, for the message.
 
     Raises:
         ValueError: ``share_trunk`` without ``lora`` on the policy, or with a LoRA option that trains
-            whole modules (``modules_to_save``, ``trainable_token_indices``).
+            whole modules (``modules_to_save``, ``trainable_token_indices``): the other adapter
+            would have no copy of that module to switch to.
     """
     if not share_trunk:
         return
     if not lora:
         raise ValueError("share_trunk: true needs a LoRA policy: set `lora` (e.g. {r: 8, lora_alpha: 16, "
                          "target_modules: all-linear}) or share_trunk: false")
-    bad = [k for k in UNSUPPORTED_LORA_KEYS if lora.get(k)]
-    if bad:
-        raise ValueError(f"share_trunk: true does not support lora.{bad[0]} (a whole module per adapter); "
-                         "drop it or set share_trunk: false")
+    for key, cfg in (("lora", lora), (value_key, value_lora or {})):
+        bad = [k for k in UNSUPPORTED_LORA_KEYS if cfg.get(k)]
+        if bad:
+            raise ValueError(f"share_trunk: true does not support {key}.{bad[0]} (a whole module per adapter); "
+                             "drop it or set share_trunk: false")
 
 
 def check_not_sharded(module) -> None:
