@@ -78,11 +78,15 @@ def _cli_class():
             try:
                 super().instantiate_classes()
             except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
-                # a constructor's own check (e.g. `mc_rollouts: 0`) as one line, not a parser traceback
-                cause = err
-                while cause.__cause__ is not None and not str(cause).strip():
-                    cause = cause.__cause__
-                raise ConfigError(str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)) from err
+                # a constructor's own check (e.g. `mc_rollouts: 0`) as one line, not a parser traceback;
+                # jsonargparse wraps it in "Does not validate against any of the Union subtypes", so the
+                # innermost exception with a message is the one that names the key
+                cause, inner = err, err
+                while (cause := cause.__cause__ or cause.__context__) is not None:
+                    if str(cause).strip():
+                        inner = cause
+                text = str(inner).strip()
+                raise ConfigError(text.splitlines()[0] if text else repr(inner)) from err
 
         def instantiate_trainer(self, **kwargs):
             from lit_reason.callbacks.resume import ResumeState

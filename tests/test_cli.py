@@ -273,3 +273,30 @@ def yaml_load(path: Path):
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+OREO_CONFIG = """\
+trainer: {accelerator: cpu, devices: 1, max_steps: 1, logger: false, enable_checkpointing: false}
+model:
+  class_path: lit_reason.methods.OREO
+  init_args: {policy: embedded:arithmetic, task: arithmetic}
+"""
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model.init_args.beta", "0"], "error: beta must be > 0, got 0.0"),
+    (["--model.init_args.share_trunk", "true"], "error: share_trunk: true needs a LoRA policy: set `lora`"),
+], ids=["beta", "share_trunk"])
+def test_a_constructor_check_is_the_one_line_error(tmp_path, capsys, built_modules, args, message):
+    # jsonargparse wraps a constructor's ValueError in "Does not validate against any of the Union
+    # subtypes"; the CLI shows the constructor's own message, which names the key
+    from lit_reason.cli import main
+
+    recipe = tmp_path / "oreo.yaml"
+    recipe.write_text(OREO_CONFIG)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(recipe), *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(message), err[-5:]
+    assert built_modules == [], f"built before failing: {built_modules}"

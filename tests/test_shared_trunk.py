@@ -257,8 +257,10 @@ def test_saved_value_model_and_exported_policy_reproduce_their_outputs(tiny_poli
         torch.testing.assert_close(loaded(ids, mask), values, rtol=1e-4, atol=1e-5)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     torch.testing.assert_close(policy_logits(exported, ids, mask), logits, rtol=1e-4, atol=1e-4)
-    # the adapter folder holds the policy's adapter (peft puts the value adapter in a subfolder)
+    # the adapter folder holds the policy's adapter only (no `value/` subfolder beside it)
     from peft import PeftModel
+
+    assert not (tmp_path / "policy" / ADAPTER_SUBDIR / VALUE_ADAPTER).exists()
 
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy_dir),
                                         tmp_path / "policy" / ADAPTER_SUBDIR)
@@ -315,3 +317,45 @@ def test_offline_resume_continues_the_run(tiny_policy_dir, dataset, tmp_path):
     for k, v in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
     assert resumed.value_model.trunk is resumed.policy.base_model.model.model
+
+
+DDP_SCRIPT = """
+import json, sys, torch, lightning.pytorch as pl
+from lit_reason.methods import PPO
+policy, out, lora = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+torch.set_num_threads(1)
+module = PPO(policy=policy, task={"name": "arithmetic", "n_train": 64, "n_validation": 8, "n_test": 8},
+             prompts_per_iteration=2, samples_per_prompt=2, minibatch_size=4, max_new_tokens=10,
+             progress=False, seed=0, lora=lora, share_trunk=True)
+eos = module.tokenizer.eos_token_id
+module.policy.base_model.model.lm_head.register_forward_hook(lambda m, i, o: o.index_add(-1, torch.tensor([eos]),
+                                                                                        torch.full_like(o[..., :1], 3.0)))
+head = module.critic.head.weight.detach().clone()
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     limit_val_batches=0)
+trainer.fit(module)
+with open(f"{out}.rank{trainer.global_rank}.json", "w") as f:
+    json.dump({"checksum": sum(float(p.detach().double().sum()) for p in module.parameters()),
+               "step": trainer.global_step, "head_moved": not torch.equal(head, module.critic.head.weight)}, f)
+"""
+
+
+@pytest.mark.slow
+def test_ppo_with_shared_trunk_under_ddp_stays_in_sync(tmp_path, tiny_policy_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "ddp_shared.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "result"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, str(script), tiny_policy_dir, str(out), json.dumps(LORA)], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["step"] == r1["step"] >= 2 and r0["head_moved"] and r1["head_moved"]
+    assert r0["checksum"] == pytest.approx(r1["checksum"], rel=0, abs=1e-6)  # gradients all-reduced on both adapters

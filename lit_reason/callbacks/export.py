@@ -26,14 +26,17 @@ def save_policy(model, tokenizer, dirpath: str | os.PathLike) -> Path:
     dirpath = Path(dirpath)
     with atomic_dir(dirpath) as tmp:  # temp folder beside it, then swapped in
         to_save = model
+        # the policy's own adapter only: with a shared trunk the PeftModel also holds the value adapter
+        own = [model.active_adapter] if hasattr(model, "peft_config") else None
         if hasattr(model, "merge_and_unload"):
             import copy
 
-            to_save = copy.deepcopy(model).merge_and_unload()
+            to_save = copy.deepcopy(model).merge_and_unload(adapter_names=own)
         to_save.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
-            model.save_pretrained(tmp / ADAPTER_SUBDIR)  # peft writes the adapter weights only
+            # peft writes the adapter weights only
+            model.save_pretrained(tmp / ADAPTER_SUBDIR, selected_adapters=own)
     return dirpath
 
 

@@ -101,6 +101,10 @@ class OnlineRL(RLModule):
     def critic_parameters(self) -> list[torch.nn.Parameter]:
         return []
 
+    def policy_parameters(self) -> list[torch.nn.Parameter]:
+        """What the policy's parameter group trains (PPO with a shared trunk: its own adapter only)."""
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
     # ---- the loop ---------------------------------------------------------------------------
     @torch.no_grad()
     def collect(self, examples: list[dict]) -> TrajectoryBatch:
@@ -175,7 +179,7 @@ class OnlineRL(RLModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": hp.lr}]
+        groups = [{"params": self.policy_parameters(), "lr": hp.lr}]
         critic = self.critic_parameters()
         if critic:
             groups.append({"params": critic, "lr": getattr(hp, "critic_lr", hp.lr)})

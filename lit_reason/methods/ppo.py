@@ -56,20 +56,10 @@ class PPO(OnlineRL):
     def critic_parameters(self) -> list[torch.nn.Parameter]:
         return self.critic.trainable_parameters()
 
-    def configure_optimizers(self):
+    def policy_parameters(self) -> list[torch.nn.Parameter]:
+        # on a shared trunk the value adapter also lives in the policy: it belongs to the critic group
         shared = self.critic.shared
-        if shared is None:
-            return super().configure_optimizers()
-        # OnlineRL's policy group is the policy's parameters that require grad; on a shared trunk the
-        # value adapter is one of them (it is the critic group's), so it is left out while the groups are built
-        value = shared.value_parameters()
-        for p in value:
-            p.requires_grad_(False)
-        try:
-            return super().configure_optimizers()
-        finally:
-            for p in value:
-                p.requires_grad_(True)
+        return shared.policy_parameters() if shared is not None else super().policy_parameters()
 
     def compute_advantages(self, traj: TrajectoryBatch) -> torch.Tensor:
         with torch.no_grad():
