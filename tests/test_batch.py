@@ -258,6 +258,20 @@ def test_extras_follow_select_concat_and_disk(sampled, tmp_path):
         TrajectoryBatch.concat([a, b], pad_token_id=0)
 
 
+def test_a_file_with_the_old_per_method_fields_loads_them_into_extras(sampled, tmp_path):
+    # step_values / returns / old_values were TrajectoryBatch fields before they moved into extras
+    batch = sampled[0]
+    state = batch.state_dict()
+    state["step_values"] = torch.rand(batch.step_ends.shape)
+    state["returns"] = torch.rand(batch.response_mask.shape)
+    path = tmp_path / "old.pt"
+    torch.save(state, path)
+    loaded = TrajectoryBatch.load(path)
+    assert torch.equal(loaded.extras["step_values"], state["step_values"])
+    assert torch.equal(loaded.extras["returns"], state["returns"])
+    assert not hasattr(loaded, "step_values")
+
+
 class _NotATensor:
     pass
 

@@ -85,7 +85,7 @@ def test_vineppo_advantages_follow_mc_values(tiny_policy_dir):
     traj = module.collect(module.task.examples("train")[:2])
     adv = module.compute_advantages(traj)
     handle.remove()
-    values = traj.step_values
+    values = traj.extras["step_values"]
     assert values.shape == traj.step_ends.shape
     # values are means of 3 binary rewards: multiples of 1/3 in [0, 1]
     assert ((values * 3 - (values * 3).round()).abs() < 1e-5).all()

@@ -255,7 +255,7 @@ class DVPO(OnlineRL):
         hp = self.hparams
         mask = traj.response_mask
         values, final = self.gvm_values(traj)
-        traj.old_values = values
+        traj.extras["old_values"] = values
         last = (mask.sum(-1).long() - 1).clamp(min=0).unsqueeze(1)  # [B, 1]
         v = masked_whiten(values, mask) if hp.whiten_values else values
         if self._trainer is not None and self.trainer.training:

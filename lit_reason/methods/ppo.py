@@ -70,14 +70,15 @@ class PPO(OnlineRL):
         values = values * traj.response_mask
         rewards = terminal_rewards(traj.rewards, traj.response_mask)
         adv, returns = gae_advantages(rewards, values, traj.response_mask, self.hparams.gamma, self.hparams.lam)
-        traj.old_values, traj.returns = values, returns
+        traj.extras["old_values"], traj.extras["returns"] = values, returns
         if self.hparams.whiten_advantages:
             adv = masked_whiten(adv, traj.response_mask)
         return adv
 
     def critic_loss(self, mb: TrajectoryBatch):
         values = self.critic.response_values(mb.input_ids, mb.attention_mask, mb.prompt_len)
-        loss, metrics = value_loss(values, mb.old_values, mb.returns, mb.response_mask, clip_range=self.hparams.value_clip)
+        loss, metrics = value_loss(values, mb.extras["old_values"], mb.extras["returns"], mb.response_mask,
+                                   clip_range=self.hparams.value_clip)
         return self.hparams.vf_coef * loss, metrics
 
     @torch.no_grad()

@@ -37,7 +37,7 @@ class VinePPO(OnlineRL):
                                            self.hparams.max_step_for_value_estimation)
         values, estimated = values.to(self.device), estimated.to(self.device)
         values = fill_values_backward(values, estimated, traj.num_steps, traj.rewards)
-        traj.step_values = values
+        traj.extras["step_values"] = values  # [B, S], for inspection and tests
         return vineppo_token_advantages(values, traj.num_steps, traj.rewards, traj.step_ids, traj.response_mask,
                                         whiten=self.hparams.whiten_advantages)
 

@@ -12,9 +12,9 @@ Layout (B sequences, prompts left-padded to P tokens, responses right-padded to 
     finished        [B]       True when the response ended with EOS or a stop string (not truncated)
     group_ids       [B]       index of the prompt a response answers (samples of a prompt share it)
 
-Optional per-token/per-step tensors (``old_logprobs``, ``ref_logprobs``, ``step_values``,
-``advantages``, ``returns``, ``old_values``) are filled by the targets stage of each method.
-A new method's own per-row data goes into ``extras`` (name -> tensor with the batch as its first
+Optional per-token tensors shared by the online methods (``old_logprobs``, ``ref_logprobs``,
+``advantages``) are filled by the targets stage. A method's own per-row data goes into ``extras``
+(VinePPO: ``step_values`` [B, S]; PPO: ``old_values``, ``returns`` [B, L]; DVPO: ``old_values``) (name -> tensor with the batch as its first
 dimension: ``[B]``, ``[B, L]``, ``[B, S]`` ...), which ``to``, ``select``, ``concat``, ``save`` and
 ``load`` handle like the fields above, so adding a method never adds a field here.
 
@@ -35,7 +35,9 @@ import torch
 from lit_reason.io import atomic_file
 
 FORMAT_VERSION = 1
-_OPTIONAL_TENSORS = ("old_logprobs", "ref_logprobs", "step_values", "advantages", "returns", "old_values")
+_OPTIONAL_TENSORS = ("old_logprobs", "ref_logprobs", "advantages")
+# fields of format-1 files written before these moved into ``extras``; ``load`` moves them there
+_LEGACY_EXTRAS = ("step_values", "returns", "old_values")
 
 
 @dataclass
@@ -57,10 +59,7 @@ class TrajectoryBatch:
     examples: list[dict] = field(default_factory=list)
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
-    step_values: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
-    old_values: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -120,6 +119,10 @@ class TrajectoryBatch:
         if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
             raise ValueError(f"trajectory file {path} has no lit_reason format {FORMAT_VERSION} header")
         state.pop("format")
+        for name in _LEGACY_EXTRAS:
+            value = state.pop(name, None)
+            if value is not None:
+                state.setdefault("extras", {})[name] = value
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [n for n in names if n not in state and n not in _OPTIONAL_TENSORS
                    and n not in ("prompts", "responses", "examples", "extras")]
@@ -157,7 +160,7 @@ class TrajectoryBatch:
             for name in _OPTIONAL_TENSORS:
                 value = getattr(b, name)
                 if value is not None:
-                    row[name] = pad(value, S if name == "step_values" else L, 0.0)
+                    row[name] = pad(value, L, 0.0)
             for name, value in row.items():
                 parts.setdefault(name, []).append(value)
         out: dict[str, Any] = {k: torch.cat(v) for k, v in parts.items()}
