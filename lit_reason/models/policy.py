@@ -38,7 +38,8 @@ def build_policy(
     model, tokenizer = load_policy(name, dtype=dtype, tiny_kwargs=tiny)
     model.train()  # from_pretrained returns eval mode; the training loops switch to eval where they sample
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant: gradients reach LoRA adapters behind frozen embeddings without input grads
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         from peft import LoraConfig, get_peft_model
 
