@@ -75,6 +75,14 @@ def embedded_arithmetic():
     return ensure_embedded("arithmetic")
 
 
+def one_step_config(method: str) -> str:
+    """A one-step CPU ``fit`` config of ``lit_reason.methods.<method>`` on ``embedded:arithmetic``
+    (for the checks that fail before any model is built)."""
+    return ("trainer: {accelerator: cpu, devices: 1, max_steps: 1, logger: false, enable_checkpointing: false}\n"
+            f"model:\n  class_path: lit_reason.methods.{method}\n"
+            "  init_args: {policy: embedded:arithmetic, task: arithmetic}\n")
+
+
 @pytest.fixture
 def built_modules(monkeypatch):
     """Names of every ``nn.Module`` constructed during the test (the LightningModule included), with

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import one_step_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -275,12 +276,6 @@ def yaml_load(path: Path):
     return yaml.safe_load(path.read_text())
 
 
-OREO_CONFIG = """\
-trainer: {accelerator: cpu, devices: 1, max_steps: 1, logger: false, enable_checkpointing: false}
-model:
-  class_path: lit_reason.methods.OREO
-  init_args: {policy: embedded:arithmetic, task: arithmetic}
-"""
 
 
 @pytest.mark.parametrize("args,message", [
@@ -293,7 +288,7 @@ def test_a_constructor_check_is_the_one_line_error(tmp_path, capsys, built_modul
     from lit_reason.cli import main
 
     recipe = tmp_path / "oreo.yaml"
-    recipe.write_text(OREO_CONFIG)
+    recipe.write_text(one_step_config("OREO"))
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(recipe), *args])
     assert exit_.value.code == 2

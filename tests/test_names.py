@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from conftest import one_step_config
 
 from lit_reason.methods import DPO, GRPO
 from lit_reason.methods.base import RLModule
@@ -28,20 +29,10 @@ model:
     task: {name: arithmetic, n_train: 8, n_validation: 4, n_test: 4}
 """
 
-GRPO_CONFIG = """\
-trainer: {accelerator: cpu, devices: 1, max_steps: 1, logger: false, enable_checkpointing: false}
-model:
-  class_path: lit_reason.methods.GRPO
-  init_args: {policy: embedded:arithmetic, task: arithmetic}
-"""
+GRPO_CONFIG = one_step_config("GRPO")
 
 
-DPO_CONFIG = """\
-trainer: {accelerator: cpu, devices: 1, max_steps: 1, logger: false, enable_checkpointing: false}
-model:
-  class_path: lit_reason.methods.DPO
-  init_args: {policy: embedded:arithmetic, task: arithmetic}
-"""
+DPO_CONFIG = one_step_config("DPO")
 
 
 @pytest.mark.parametrize("config,old_key,name", [

@@ -110,22 +110,30 @@ def assert_same_params(a: Path, b: Path) -> None:
         assert torch.equal(pa[k], pb[k]), k
 
 
-def stop_and_resume(tmp_path: Path, recipe: Path, ckpt_step: int, last_step: int) -> tuple[Path, Path]:
-    """Runs A uninterrupted, then resumes a copy of A's folder from A's step-``ckpt_step`` checkpoint."""
-    root_a, root_b = tmp_path / "a", tmp_path / "b"
-    fit(["--config", str(recipe), "--config", str(CHECKPOINT), "--trainer.default_root_dir", str(root_a)])
-    version_a = root_a / "csv" / "version_0"
-    # the "killed" run: A's folder as it was after ckpt_step (its later checkpoints removed, its
-    # later rows still in metrics.csv: a kill loses nothing written before it)
-    version_b = root_b / "csv" / "version_0"
-    shutil.copytree(version_a, version_b)
-    for ckpt in (version_b / "checkpoints").glob("*.ckpt"):
+def resume_copy(version_a: Path, root: Path, ckpt_step: int, base: list[str]) -> Path:
+    """Resumes, under ``root``, a copy of run A's version folder from its step-``ckpt_step`` checkpoint.
+
+    The copy is the "killed" run: A's folder as it was after ``ckpt_step`` (its later checkpoints
+    removed, its later rows still in metrics.csv: a kill loses nothing written before it).
+    """
+    version = root / "csv" / "version_0"
+    shutil.copytree(version_a, version)
+    for ckpt in (version / "checkpoints").glob("*.ckpt"):
         if ckpt.name != f"step={ckpt_step}.ckpt":
             ckpt.unlink()
-    (version_b / "run.json").unlink()
-    fit(["--config", str(recipe), "--config", str(CHECKPOINT), "--trainer.default_root_dir", str(root_b),
-         "--ckpt_path", str(version_b / "checkpoints" / f"step={ckpt_step}.ckpt")])
-    assert not (root_b / "csv" / "version_1").exists()  # resumed in its own folder
+    (version / "run.json").unlink()
+    fit([*base, "--trainer.default_root_dir", str(root),
+         "--ckpt_path", str(version / "checkpoints" / f"step={ckpt_step}.ckpt")])
+    assert not (root / "csv" / "version_1").exists()  # resumed in its own folder
+    return version
+
+
+def stop_and_resume(tmp_path: Path, recipe: Path, ckpt_step: int, last_step: int) -> tuple[Path, Path]:
+    """Runs A uninterrupted, then resumes a copy of A's folder from A's step-``ckpt_step`` checkpoint."""
+    base = ["--config", str(recipe), "--config", str(CHECKPOINT)]
+    fit([*base, "--trainer.default_root_dir", str(tmp_path / "a")])
+    version_a = tmp_path / "a" / "csv" / "version_0"
+    version_b = resume_copy(version_a, tmp_path / "b", ckpt_step, base)
     assert rows(version_b) == rows(version_a)
     assert_same_params(version_a / "checkpoints" / f"step={last_step}.ckpt",
                        version_b / "checkpoints" / f"step={last_step}.ckpt")
@@ -304,15 +312,7 @@ def test_dvo_with_target_refresh_resumes_exactly_before_and_after_the_refresh(tm
     # step 16: after it, the resumed run trains on the refreshed targets named by the checkpoint
     for ckpt_step in (8, 16):
         root = tmp_path / f"resumed{ckpt_step}"
-        version = root / "csv" / "version_0"
-        shutil.copytree(version_a, version)
-        for ckpt in (version / "checkpoints").glob("*.ckpt"):
-            if ckpt.name != f"step={ckpt_step}.ckpt":
-                ckpt.unlink()
-        (version / "run.json").unlink()
-        fit([*base, "--trainer.default_root_dir", str(root),
-             "--ckpt_path", str(version / "checkpoints" / f"step={ckpt_step}.ckpt")])
-        assert not (root / "csv" / "version_1").exists()
+        version = resume_copy(version_a, root, ckpt_step, base)
         assert (root / "mcts_refresh" / "refresh1").exists() == (ckpt_step == 8)
         assert strip(rows(version)) == strip(table)
         assert_same_params(version_a / "checkpoints" / f"step={last}.ckpt", version / "checkpoints" / f"step={last}.ckpt")
@@ -358,13 +358,7 @@ def test_iterative_rounds_resume_exactly_across_a_round_switch(tmp_path, embedde
     assert after_switch, f"no checkpoint inside round 1 (switches at {switches}, checkpoints {saved})"
     ckpt_step, last = after_switch[0], saved[-1]
     root = tmp_path / "b"
-    version = root / "csv" / "version_0"
-    shutil.copytree(version_a, version)
-    for ckpt in (version / "checkpoints").glob("*.ckpt"):
-        if ckpt.name != f"step={ckpt_step}.ckpt":
-            ckpt.unlink()
-    (version / "run.json").unlink()
-    fit([*base, "--trainer.default_root_dir", str(root), "--ckpt_path", str(version / "checkpoints" / f"step={ckpt_step}.ckpt")])
+    version = resume_copy(version_a, root, ckpt_step, base)
     assert not (root / "rounds" / "round1").exists() and (root / "rounds" / "round2").exists()
     assert strip(rows(version)) == strip(table)
     assert_same_params(version_a / "checkpoints" / f"step={last}.ckpt", version / "checkpoints" / f"step={last}.ckpt")
