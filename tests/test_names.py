@@ -57,7 +57,7 @@ def test_an_old_key_fails_at_parse_time_naming_it(tmp_path, capsys, built_module
 
 def test_shared_arguments_are_declared_once_and_saved_by_every_rl_method(tiny_policy_dir):
     shared = [n for n in inspect.signature(RLModule.__init__).parameters if n not in ("self", "task")]
-    assert len(shared) == 13
+    assert len(shared) == 14
     for cls in (OnlineRL, OfflineRL):
         # the loop modules forward the shared arguments, they do not redeclare them (lr: own default)
         own = set(inspect.signature(cls.__init__).parameters)
