@@ -16,7 +16,9 @@ Design rules, and why:
   calls, over accumulators combined with ``merge()``, or over DDP ranks reduced with
   ``all_reduce()`` equals the metric on the concatenated data (up to float64 summation order).
   Averaging per-micro-batch ECEs or explained variances would be biased: both are non-linear in
-  the data.
+  the data. (Why not torchmetrics, whose ``Metric`` syncs sum states the same way: it is not a
+  dependency, and these few float64 sums need one ``all_reduce`` plus an offline ``merge()`` of
+  accumulators built in separate processes, which its state sync does not cover.)
 * **One probability scale.** Predictions may live on another scale (rewards in ``{-1, +1}``,
   unbounded implicit values). An affine ``pred_to_prob = (scale, shift)`` maps them to
   ``p = clamp(scale * pred + shift, 0, 1)`` and *every* calibration metric (MAE, ECE, Brier,
