@@ -87,6 +87,7 @@ class OfflineRL(RLModule):
         self.data_path: Path | None = Path(data) if data else None
         self.data_stats: dict[str, float] = {}
         self._items: list | None = None
+        self._schedule_steps: int | None = None  # the LR schedule's length, fixed at the run's start
 
     # ---- data -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -209,7 +210,7 @@ class OfflineRL(RLModule):
     # ---- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[_CKPT_KEY] = {"data": str(self.data_path) if self.data_path else None,
-                                 "schedule_steps": getattr(self, "_schedule_steps", None)}
+                                 "schedule_steps": self._schedule_steps}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get(_CKPT_KEY) or {}
@@ -224,7 +225,7 @@ class OfflineRL(RLModule):
     # ---- optimisation -----------------------------------------------------------------------
     def total_steps(self) -> int:
         """Optimiser steps of the run (``max_steps``, else Lightning's estimate), fixed at its start."""
-        if getattr(self, "_schedule_steps", None) is None:
+        if self._schedule_steps is None:
             t = self.trainer
             self._schedule_steps = int(t.max_steps) if t.max_steps and t.max_steps > 0 else int(t.estimated_stepping_batches)
         return self._schedule_steps
