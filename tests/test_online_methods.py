@@ -200,3 +200,22 @@ def test_group_advantages_whiten_only_when_asked(tiny_policy_dir):
     valid = white[traj.response_mask.bool()]
     assert abs(float(valid.mean())) < 1e-5 and abs(float(valid.std()) - 1.0) < 1e-3
     assert not torch.allclose(raw, white)
+
+
+def test_old_logprobs_are_the_samplers_and_equal_a_second_scoring_pass(tiny_policy_dir, monkeypatch):
+    module = GRPO(**small(tiny_policy_dir, temperature=0.7, samples_per_prompt=4))
+    examples = module.task.examples("train")[:4]
+    module.engine.reseed(5)
+    reused = module.collect(examples)
+    module.hparams.recompute_old_logprobs = True
+    module.engine.reseed(5)
+    rescored = module.collect(examples)
+    assert torch.equal(reused.input_ids, rescored.input_ids)  # the same samples
+    mask = reused.response_mask.bool()
+    torch.testing.assert_close(reused.old_logprobs[mask], rescored.old_logprobs[mask], atol=1e-4, rtol=0)
+    # by default the loop runs no policy forward pass after sampling: only the reference's
+    calls = []
+    monkeypatch.setattr("lit_reason.methods.online.response_logprobs", lambda *a, **k: calls.append(1))
+    module.hparams.recompute_old_logprobs = False
+    module.collect(examples)
+    assert calls == []

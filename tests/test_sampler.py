@@ -325,3 +325,32 @@ def test_stop_strings_decode_only_live_rows_and_nothing_without_stop_strings(mod
     assert gens[0].finish == "eos" and len(gens[0].ids) == 2
     # step 0 decodes all 3 rows; row 0 ends by EOS at step 1 (not decoded), then 2 rows x 5 steps
     assert tok.decoded == 3 + 2 * 5
+
+
+def test_sampled_logprobs_are_a_full_forward_pass_at_the_temperature(model, tiny_tokenizer, prompt_ids):
+    """The sampler's per-token log-probs (PPO's old log-probs) equal re-scoring each response alone.
+
+    Full vocabulary at temperature 0.7 although top-p 0.9 cuts what is sampled; rows of padded
+    prompts of three lengths; two rows end early so the others' log-probs come from the shrunken
+    batch after finished rows leave.
+    """
+    T = 0.7
+    eos = tiny_tokenizer.eos_token_id
+    engine = RolloutEngine(model, tiny_tokenizer, max_new_tokens=10, temperature=T, top_p=0.9, seed=3)
+    force = model.lm_head.register_forward_hook(ForceTokenAt(eos, call=1, rows=[0, 1]))
+    try:
+        gens = engine.sample(prompt_ids, 2)
+    finally:
+        force.remove()
+    assert [len(g.ids) for g in gens[:2]] == [2, 2] and all(len(g.ids) == 10 for g in gens[2:])
+    for j, g in enumerate(gens):
+        prefix = prompt_ids[j // 2]
+        with torch.no_grad():
+            logits = model(torch.tensor([list(prefix) + g.ids])).logits[0, len(prefix) - 1 : -1]
+        expected = torch.log_softmax(logits / T, -1).gather(-1, torch.tensor(g.ids)[:, None]).squeeze(-1)
+        got = torch.tensor(g.logprobs)
+        if j < 2:  # the forced EOS is not the model's own choice
+            expected, got = expected[:1], got[:1]
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    greedy = RolloutEngine(model, tiny_tokenizer, max_new_tokens=4, temperature=0).sample(prompt_ids[:1])
+    assert greedy[0].logprobs is None

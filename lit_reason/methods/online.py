@@ -46,6 +46,14 @@ class OnlineRL(RLModule):
         kl_clip_max: Clip of the per-token k3 term.
         ratio_threshold: Skip a minibatch whose mean ratio exceeds this (None: never).
         whiten_advantages: Whiten over the global batch's tokens.
+        length_groups: Score each minibatch in this many length-sorted forward passes, each cut to
+            its own longest sequence (:func:`~lit_reason.models.logprobs.response_logprobs`): the
+            same log-probs with fewer pad tokens computed. 1 = one padded pass.
+        recompute_old_logprobs: Score every response again after sampling for the PPO ratio's old
+            log-probs. Off by default: the sampler returns the same log-probs (same model, same
+            temperature, full vocabulary), which saves one forward pass per response. Turn it on
+            where the sampler's arithmetic may differ from the training forward (bf16 decoding
+            with a KV cache differs from one full forward at about 1e-2 in log-prob).
     """
 
     def __init__(
@@ -63,9 +71,12 @@ class OnlineRL(RLModule):
         kl_clip_max: float | None = 10.0,
         ratio_threshold: float | None = None,
         whiten_advantages: bool = True,
+        length_groups: int = 2,
+        recompute_old_logprobs: bool = False,
         **kwargs,
     ) -> None:
-        for name in ("prompts_per_iteration", "samples_per_prompt", "epochs_per_iteration", "minibatch_size"):
+        for name in ("prompts_per_iteration", "samples_per_prompt", "epochs_per_iteration", "minibatch_size",
+                     "length_groups"):
             if locals()[name] < 1:
                 raise ValueError(f"{name} must be >= 1, got {locals()[name]}")
         if temperature <= 0:
@@ -108,17 +119,25 @@ class OnlineRL(RLModule):
     # ---- the loop ---------------------------------------------------------------------------
     @torch.no_grad()
     def collect(self, examples: list[dict]) -> TrajectoryBatch:
-        """Rolls out the current policy and attaches behaviour and reference log-probs."""
+        """Rolls out the current policy and attaches behaviour and reference log-probs.
+
+        The behaviour log-probs are the sampler's own (``recompute_old_logprobs`` scores again).
+        """
         traj = rollout(self.engine, self.task, self.splitter, examples, k=self.hparams.samples_per_prompt).to(self.device)
         T = self.hparams.temperature
+        recompute = self.hparams.recompute_old_logprobs or traj.old_logprobs is None
         self.policy.eval()
         old, ref = [], []
         for idx in torch.arange(len(traj)).split(self.hparams.minibatch_size):
             mb = traj.select(idx)
-            old.append(response_logprobs(self.policy, mb.input_ids, mb.attention_mask, mb.prompt_len, T))
-            ref.append(self.reference.logprobs(mb.input_ids, mb.attention_mask, mb.prompt_len, T))
+            groups = self.hparams.length_groups
+            if recompute:
+                old.append(response_logprobs(self.policy, mb.input_ids, mb.attention_mask, mb.prompt_len, T, groups))
+            ref.append(self.reference.logprobs(mb.input_ids, mb.attention_mask, mb.prompt_len, T, groups))
         self.policy.train()
-        traj.old_logprobs, traj.ref_logprobs = torch.cat(old), torch.cat(ref)
+        if recompute:
+            traj.old_logprobs = torch.cat(old)
+        traj.ref_logprobs = torch.cat(ref)
         return traj
 
     def training_step(self, examples: list[dict], batch_idx: int) -> None:
@@ -148,7 +167,8 @@ class OnlineRL(RLModule):
             perm = torch.randperm(len(traj), generator=self._shuffle)
             for idx in perm.split(hp.minibatch_size):
                 mb = traj.select(idx)
-                logp = response_logprobs(self.policy, mb.input_ids, mb.attention_mask, mb.prompt_len, hp.temperature)
+                logp = response_logprobs(self.policy, mb.input_ids, mb.attention_mask, mb.prompt_len, hp.temperature,
+                                         hp.length_groups)
                 loss, metrics = ppo_policy_loss(
                     logp, mb.old_logprobs, mb.advantages, mb.response_mask, clip_eps=hp.clip_eps,
                     ref_logprobs=mb.ref_logprobs, kl_coef=hp.kl_coef, kl_clip_max=hp.kl_clip_max,

@@ -13,7 +13,8 @@ Layout (B sequences, prompts left-padded to P tokens, responses right-padded to 
     group_ids       [B]       index of the prompt a response answers (samples of a prompt share it)
 
 Optional per-token tensors shared by the online methods (``old_logprobs``, ``ref_logprobs``,
-``advantages``) are filled by the targets stage. A method's own per-row data goes into ``extras``
+``advantages``) are filled by the targets stage; a sampled rollout comes with ``old_logprobs``
+already (the sampler's own log-probs at its temperature). A method's own per-row data goes into ``extras``
 (VinePPO: ``step_values`` [B, S]; PPO: ``old_values``, ``returns`` [B, L]; DVPO: ``old_values``) (name -> tensor with the batch as its first
 dimension: ``[B]``, ``[B, L]``, ``[B, S]`` ...), which ``to``, ``select``, ``concat``, ``save`` and
 ``load`` handle like the fields above, so adding a method never adds a field here.

@@ -41,10 +41,15 @@ class Generation:
     Attributes:
         ids: Generated token ids (EOS included when it was generated).
         finish: ``"eos"``, ``"stop"`` (a stop string appeared) or ``"length"`` (truncated).
+        logprobs: log softmax(logits / temperature) of each generated token, over the full
+            vocabulary (before any top-p cut): what :func:`~lit_reason.models.logprobs.response_logprobs`
+            computes at that temperature, so PPO-style loops need no second pass for their old
+            log-probs. None for greedy decoding.
     """
 
     ids: list[int]
     finish: str
+    logprobs: list[float] | None = None
 
     @property
     def finished(self) -> bool:
@@ -222,6 +227,7 @@ class RolloutEngine:
         act_mask[:, :width] = mask
         act_len = mask.sum(-1)  # real tokens per active row; the next token's position is act_len - 1
         tokens = torch.full((n, max_new), pad, dtype=torch.long, device=device)
+        logprobs = torch.zeros((n, max_new), device=device) if temperature > 0 else None
         finish = torch.full((n,), _LENGTH, dtype=torch.long, device=device)
         ends = torch.full((n,), max_new, dtype=torch.long, device=device)  # generated length per row
         done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -231,6 +237,11 @@ class RolloutEngine:
             nxt = self._next_tokens(logits, active, n, temperature, top_p, pad).masked_fill(done, pad)
             live = ~done
             tokens[:, step] = nxt
+            if logprobs is not None:
+                # one logsumexp per step: far cheaper than re-scoring every response afterwards
+                scaled = logits / temperature
+                picked = nxt[active] if active.numel() < n else nxt
+                logprobs[active, step] = scaled.gather(-1, picked.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
             finish.masked_fill_(live & (nxt == eos), _EOS)
             if stops:
                 self._mark_stop_strings(tokens, step, live & (finish == _LENGTH), finish, stops, stop_tail)
@@ -259,7 +270,9 @@ class RolloutEngine:
             cache = _cache_of(out)
             logits = out.logits[:, -1].float()
         rows = tokens[:, :steps].tolist()
-        return [Generation(ids=row[:end], finish=_FINISH_NAMES[f]) for row, end, f in zip(rows, ends.tolist(), finish.tolist())]
+        lps = logprobs[:, :steps].tolist() if logprobs is not None else [None] * n
+        return [Generation(ids=row[:end], finish=_FINISH_NAMES[f], logprobs=None if lp is None else lp[:end])
+                for row, end, f, lp in zip(rows, ends.tolist(), finish.tolist(), lps)]
 
     def _next_tokens(self, logits, active, n, temperature, top_p, pad) -> torch.Tensor:
         """Next token of each of the n rows, from the logits of the active rows.

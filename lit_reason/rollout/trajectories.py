@@ -43,6 +43,9 @@ def build_batch(
 
     Truncated responses (no EOS or stop string within the length limit) earn reward 0
     (docs/index.md, rewards), whatever their text says. An empty generation (length limit 0) is rejected.
+    When every generation carries the sampler's log-probs (sampled, not greedy), they become the
+    batch's ``old_logprobs`` ([B, L], 0 on padding): the behaviour policy's log-probs at the
+    sampling temperature.
     """
     n = len(prompt_ids)
     if len(generations) != n * k:
@@ -65,6 +68,8 @@ def build_batch(
     response_mask = torch.zeros((B, L))
     step_id_t = torch.full((B, L), -1, dtype=torch.long)
     step_end_t = torch.full((B, S), -1, dtype=torch.long)
+    with_logprobs = all(g.logprobs is not None for g in generations)
+    old_logprobs = torch.zeros((B, L)) if with_logprobs else None
     for b, (i, gen, _text, step_ids, step_ends, _r) in enumerate(rows):
         p = prompt_ids[i]
         input_ids[b, P - len(p) : P] = torch.as_tensor(list(p))
@@ -75,6 +80,8 @@ def build_batch(
         response_mask[b, :m] = 1
         step_id_t[b, :m] = torch.as_tensor(step_ids)
         step_end_t[b, : len(step_ends)] = torch.as_tensor(step_ends)
+        if with_logprobs:
+            old_logprobs[b, :m] = torch.as_tensor(gen.logprobs)
     return TrajectoryBatch(
         input_ids=input_ids,
         attention_mask=attention,
@@ -89,6 +96,7 @@ def build_batch(
         prompts=[prompts[r[0]] for r in rows],
         responses=[r[2] for r in rows],
         examples=[examples[r[0]] for r in rows],
+        old_logprobs=old_logprobs,
     )
 
 
