@@ -31,3 +31,31 @@ def test_models_without_the_argument_get_every_position():
             return None
 
     assert keep_logits_kwargs(Plain(), 4) == {}
+
+
+def test_length_groups_give_the_same_logprobs_and_gradients(tiny_model):
+    """Rows sorted by length and scored in groups, each cut to its own width, equal one padded pass
+    on every real response token; gradients too. Prompt lengths 3-7 (left-padded to 7), response
+    lengths 1-5 (right-padded to 5); 5 groups of 6 rows leaves one group of two."""
+    import copy
+
+    model = copy.deepcopy(tiny_model).train()
+    torch.manual_seed(0)
+    P, L = 7, 5
+    ids = torch.randint(5, 100, (6, P + L))
+    mask = torch.zeros_like(ids)
+    for b, (p, r) in enumerate([(7, 5), (3, 1), (5, 2), (4, 5), (6, 3), (3, 4)]):
+        mask[b, P - p : P + r] = 1
+    response = mask[:, P:].bool()
+    grads = []
+    for groups in (1, 2, 5, 50):
+        model.zero_grad()
+        lp = response_logprobs(model, ids, mask, P, temperature=0.7, length_groups=groups)
+        assert lp.shape == (6, L)
+        (lp * response).sum().backward()
+        grads.append(([p.grad.clone() for p in model.parameters()], lp.detach()[response]))
+    base_grads, base_lp = grads[0]
+    for g, lp in grads[1:]:
+        torch.testing.assert_close(lp, base_lp, rtol=0, atol=1e-5)
+        for a, b in zip(g, base_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

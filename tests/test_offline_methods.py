@@ -140,6 +140,34 @@ def test_dpo_loss_matches_a_hand_computation(tiny_policy_dir, dataset):
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("groups", [2, 3, 16])
+def test_dpo_length_groups_change_neither_loss_nor_gradients(tiny_policy_dir, dataset, groups):
+    """Scoring the batch in length-sorted groups (each padded to its own longest sequence) is the
+    same computation as one padded pass; 16 groups for 8 sequences leaves empty groups out."""
+    results = []
+    for g in (1, groups):
+        module = make(DPO, tiny_policy_dir, dataset, length_groups=g, dpo_positive_lambda=5.0)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in module.policy.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        pairs = module.select_items(module.load_rows())
+        lengths = {len(x["response_ids"]) for pair in pairs for x in pair}
+        assert len(lengths) > 1, "the pairs must differ in length for the groups to differ"
+        loss = module.training_step(pairs, 1)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in module.policy.parameters()]))
+    (loss1, grads1), (loss_g, grads_g) = results
+    torch.testing.assert_close(loss_g, loss1, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_g, grads1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dpo_rejects_zero_length_groups(tiny_policy_dir, dataset):
+    with pytest.raises(ValueError, match="length_groups"):
+        make(DPO, tiny_policy_dir, dataset, length_groups=0)
+
+
 def test_implicit_values_are_beta_times_the_summed_log_ratio(tiny_policy_dir, dataset):
     module = make(DPO, tiny_policy_dir, dataset, beta=0.2)
     with torch.no_grad():

@@ -181,6 +181,12 @@ class RLModule(GreedyAccuracyLoops, ReasoningModule):
         answer_prefix = getattr(self.task, "answer_prefix", None) if merge_answer_line else None
         self.splitter = StepSplitter(splitter, answer_prefix=answer_prefix or None)
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Returns the batch as it is: RL batches are Python rows (examples, collected responses),
+        whose tensors are built on the device by the method. Lightning's default walks every element
+        of every row's token lists, about 5% of a DPO step on the embedded policy."""
+        return batch
+
 
 @contextlib.contextmanager
 def on_device(model: nn.Module, device: torch.device | str | None) -> Iterator[nn.Module]:

@@ -24,13 +24,19 @@ class DPO(OfflineRL):
         beta: DPO temperature (0.1).
         max_pairs: Pairs per prompt at most (OREO 1.5B: 6).
         dpo_positive_lambda: DPO-Positive penalty weight (0 = plain DPO; VinePPO's DPO+ uses 50).
+        length_groups: A batch's sequences are sorted by length and scored in this many forward
+            passes, each cut to its own longest sequence: the same loss with fewer pad tokens
+            computed (:func:`~lit_reason.models.logprobs.response_logprobs`). 1 = one padded pass.
     """
 
     value_range = (-1.0, 1.0)
 
-    def __init__(self, beta: float = 0.1, max_pairs: int = 6, dpo_positive_lambda: float = 0.0, **kwargs) -> None:
+    def __init__(self, beta: float = 0.1, max_pairs: int = 6, dpo_positive_lambda: float = 0.0,
+                 length_groups: int = 2, **kwargs) -> None:
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
+        if length_groups < 1:
+            raise ValueError(f"length_groups must be >= 1, got {length_groups}")
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["task"])
 
@@ -44,8 +50,9 @@ class DPO(OfflineRL):
             self.log_data_stats()
         n = len(pairs)
         b = self.to_batch([w for w, _ in pairs] + [lose for _, lose in pairs])
-        logp = response_logprobs(self.policy, b.input_ids, b.attention_mask, b.prompt_len)
-        ref = self.reference.logprobs(b.input_ids, b.attention_mask, b.prompt_len)
+        groups = self.hparams.length_groups
+        logp = response_logprobs(self.policy, b.input_ids, b.attention_mask, b.prompt_len, length_groups=groups)
+        ref = self.reference.logprobs(b.input_ids, b.attention_mask, b.prompt_len, length_groups=groups)
         ratios = sequence_logratios(logp, ref, b.response_mask)
         seq_logp = (logp * b.response_mask).sum(-1)
         seq_ref = (ref * b.response_mask).sum(-1)

@@ -77,7 +77,8 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
 
 
 def response_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, temperature: float = 1.0
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, temperature: float = 1.0,
+    length_groups: int = 1,
 ) -> torch.Tensor:
     """Per-token log pi(y_t | x, y_<t) of the response part.
 
@@ -87,12 +88,36 @@ def response_logprobs(
         attention_mask: [B, P+L].
         prompt_len: P.
         temperature: Divides the logits first (1.0 = the model's own distribution).
+        length_groups: Score the rows in this many forward passes, sorted by length, each cut to its
+            own longest prompt and response: the same values with fewer pad tokens computed (a
+            batch's lengths vary; one pass pads every row to the longest).
 
     Returns:
         [B, L] log-probabilities (values on padded positions are meaningless; mask them).
     """
+    if length_groups > 1 and input_ids.shape[0] > 1:
+        return _grouped_response_logprobs(model, input_ids, attention_mask, prompt_len, temperature, length_groups)
     logits = response_logits(model, input_ids, attention_mask, prompt_len)
     return gather_logprobs(logits, input_ids[:, prompt_len:], temperature)
+
+
+def _grouped_response_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float,
+                               groups: int) -> torch.Tensor:
+    """:func:`response_logprobs` in ``groups`` length-sorted passes ([B, L]; 0 past each row's response)."""
+    B, L = input_ids.shape[0], input_ids.shape[1] - prompt_len
+    prompt_real = attention_mask[:, :prompt_len].sum(-1)
+    response_real = attention_mask[:, prompt_len:].sum(-1)
+    order = (prompt_real + response_real).argsort(stable=True)
+    parts, rows = [], []
+    for idx in order.tensor_split(min(groups, B)):
+        p, r = max(int(prompt_real[idx].max()), 1), max(int(response_real[idx].max()), 1)
+        cut = slice(prompt_len - p, prompt_len + r)  # prompts are left-padded, responses right-padded
+        lp = response_logprobs(model, input_ids[idx, cut], attention_mask[idx, cut], p, temperature)
+        parts.append(F.pad(lp, (0, L - r)))
+        rows.append(idx)
+    inverse = torch.empty_like(order)
+    inverse[torch.cat(rows)] = torch.arange(B, device=order.device)
+    return torch.cat(parts)[inverse]
 
 
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:

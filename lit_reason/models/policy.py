@@ -94,11 +94,13 @@ class Reference:
             self.model.to(device)
 
     @torch.no_grad()
-    def logprobs(self, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0) -> torch.Tensor:
-        """[B, L] reference log-probabilities of the response tokens."""
+    def logprobs(self, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
+                 length_groups: int = 1) -> torch.Tensor:
+        """[B, L] reference log-probabilities of the response tokens (``length_groups``:
+        :func:`~lit_reason.models.logprobs.response_logprobs`)."""
         self._sync_device(input_ids.device)
         with self._context():
-            return response_logprobs(self.model, input_ids, attention_mask, prompt_len, temperature)
+            return response_logprobs(self.model, input_ids, attention_mask, prompt_len, temperature, length_groups)
 
     @torch.no_grad()
     def logits(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
