@@ -14,8 +14,13 @@ TRL is not a dependency of lit_reason: ``pip install "trl==1.16.*"`` (or ``pip i
 ".[trl]"``). The settings made equal, and those that cannot be, are listed in README ("Side by
 side with TRL").
 
+A real model: ``--recipes recipes/smollm2`` runs that folder's recipes instead (SmolLM2-135M-Instruct,
+chat prompts, LoRA on both sides, TRL given the recipe's LoRA as a ``peft`` config and its gradient
+checkpointing); a method without a recipe there is refused.
+
     python benchmarks/vs_trl.py                       # GRPO and DPO, seeds 0 and 1, the recipes' lengths
     python benchmarks/vs_trl.py --methods grpo --seeds 0 --steps 8 --eval-limit 16
+    python benchmarks/vs_trl.py --recipes recipes/smollm2 --methods grpo --steps 4 --eval-limit 48
 """
 
 from __future__ import annotations
@@ -41,11 +46,16 @@ SHARED_SETTINGS = {"grpo": ("prompts_per_iteration", "samples_per_prompt", "mini
                    "dpo": ("batch_size", "lr", "beta")}
 
 
-def recipe_init_args(method: str, overrides: dict | None = None) -> dict:
+def recipe_file(method: str, recipes: str = "recipes") -> Path:
+    """``<recipes>/<method>.yaml`` under the repository (``recipes``: a folder relative to it)."""
+    return REPO / recipes / f"{method}.yaml"
+
+
+def recipe_init_args(method: str, overrides: dict | None = None, recipes: str = "recipes") -> dict:
     """The recipe's ``model.init_args`` with ``overrides`` (keys of ``SHARED_SETTINGS``) applied."""
     import yaml
 
-    recipe = yaml.safe_load((REPO / "recipes" / f"{method}.yaml").read_text())
+    recipe = yaml.safe_load(recipe_file(method, recipes).read_text())
     return {**recipe["model"]["init_args"], **(overrides or {})}
 
 
@@ -68,31 +78,54 @@ def parse_overrides(method: str, items: list[str]) -> dict:
     return out
 
 
-def recipe_max_steps(method: str) -> int:
+def recipe_max_steps(method: str, recipes: str = "recipes") -> int:
     import yaml
 
-    return int(yaml.safe_load((REPO / "recipes" / f"{method}.yaml").read_text())["trainer"]["max_steps"])
+    return int(yaml.safe_load(recipe_file(method, recipes).read_text())["trainer"]["max_steps"])
 
 
-def policy_folder() -> Path:
-    """``embedded:arithmetic`` as its cached ``save_pretrained`` folder (built on first use)."""
+def policy_folder(hp: dict) -> Path:
+    """The recipe's start policy as a ``save_pretrained`` folder TRL can load: ``embedded:arithmetic``
+    and GGUF models (``smollm2:135m-instruct``) as their cached folders, built on first use."""
     from lit_reason.models.embedded import ensure_embedded
+    from lit_reason.models.gguf import is_gguf_name, resolve_gguf_name
 
-    return Path(ensure_embedded("arithmetic"))
+    name = str(hp.get("policy", "embedded:arithmetic"))
+    if name.startswith("embedded:"):
+        return Path(ensure_embedded(name.removeprefix("embedded:")))
+    return Path(resolve_gguf_name(name)) if is_gguf_name(name) else Path(name)
+
+
+def load_start_policy(hp: dict):
+    """(model, tokenizer) of the recipe's start policy from its folder, in fp32 as lit_reason loads it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = str(policy_folder(hp))
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), AutoTokenizer.from_pretrained(folder)
+
+
+def recipe_task(hp: dict, tokenizer):
+    """The recipe's task, its prompts rendered with ``tokenizer`` (chat prompts need its template)."""
+    from lit_reason.methods.common import resolve_task
+
+    task = resolve_task(hp.get("task", "arithmetic"))
+    task.use_tokenizer(tokenizer)
+    return task
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def held_out_accuracy(model, tokenizer, limit: int) -> float:
+def held_out_accuracy(model, tokenizer, limit: int, hp: dict) -> float:
+    """Greedy accuracy on the first ``limit`` validation prompts of the recipe's task, at its length limit."""
     from lit_reason.evaluation import evaluate_policy
-    from lit_reason.tasks import get_task
 
-    task = get_task("arithmetic")
+    task = recipe_task(hp, tokenizer)
     model.eval()
-    result = evaluate_policy(model, tokenizer, task, task.examples("validation")[:limit], max_new_tokens=96,
-                             batch_size=128)
+    result = evaluate_policy(model, tokenizer, task, task.examples("validation")[:limit],
+                             max_new_tokens=hp.get("max_new_tokens", 96), batch_size=hp.get("rollout_batch_size", 128))
     return float(result["accuracy"])
 
 
@@ -134,7 +167,7 @@ class Timer:
 
 
 # ---- lit_reason -----------------------------------------------------------------------------------
-def ours_cli(method: str, seed: int, steps: int | None, rundir: Path, extra: list[str]):
+def ours_cli(method: str, seed: int, steps: int | None, rundir: Path, extra: list[str], recipes: str = "recipes"):
     """The recipe through LightningCLI (run=False), without its evaluation/calibration callbacks
     and loggers: the timed loop is the training alone on both sides."""
     import lightning.pytorch as pl
@@ -142,7 +175,7 @@ def ours_cli(method: str, seed: int, steps: int | None, rundir: Path, extra: lis
     from lightning.pytorch.cli import LightningCLI
 
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    args = ["--config", str(REPO / "recipes" / f"{method}.yaml"), "--seed_everything", str(seed),
+    args = ["--config", str(recipe_file(method, recipes)), "--seed_everything", str(seed),
             "--model.init_args.seed", str(seed), "--model.init_args.progress", "false",
             "--trainer.default_root_dir", str(rundir), "--trainer.logger", "false", "--trainer.callbacks", "[]",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -165,7 +198,7 @@ def run_ours(spec: dict) -> dict:
     # instrument the online loop's rollout (sampling + grading) and its whole collect phase
     sampling = Timer(online.rollout, count=lambda traj: traj.response_mask.sum())
     online.rollout = sampling
-    cli = ours_cli(method, spec["seed"], spec["steps"], rundir, extra)
+    cli = ours_cli(method, spec["seed"], spec["steps"], rundir, extra, spec["recipes"])
     model, trainer = cli.model, cli.trainer
     import lightning.pytorch as pl
 
@@ -183,15 +216,18 @@ def run_ours(spec: dict) -> dict:
     if collect is not None:
         out.update(generation_seconds=sampling.seconds, rollout_seconds=collect.seconds,
                    generated_tokens=sampling.total)
-    out["end_accuracy"] = held_out_accuracy(model.policy, model.tokenizer, spec["eval_limit"])
+    out["end_accuracy"] = held_out_accuracy(model.policy, model.tokenizer, spec["eval_limit"],
+                                            recipe_init_args(method, None, spec["recipes"]))
     return out
 
 
 # ---- TRL ------------------------------------------------------------------------------------------
-def trl_common(spec: dict) -> dict:
-    """TrainingArguments shared by both TRL trainers, set to lit_reason's values."""
+def trl_common(spec: dict, hp: dict) -> dict:
+    """TrainingArguments shared by both TRL trainers, set to lit_reason's values (``hp``: the recipe's)."""
     return dict(output_dir=str(spec["rundir"]), seed=spec["seed"], data_seed=spec["seed"], use_cpu=True,
-                bf16=False, fp16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
+                bf16=False, fp16=False, gradient_checkpointing=bool(hp.get("gradient_checkpointing", False)),
+                # lit_reason checkpoints non-reentrantly (LoRA behind frozen embeddings needs it)
+                gradient_checkpointing_kwargs={"use_reentrant": False}, report_to="none", save_strategy="no",
                 logging_steps=10, disable_tqdm=True, dataloader_num_workers=0, gradient_accumulation_steps=1,
                 adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0)
 
@@ -204,18 +240,22 @@ def trl_clock(trainer) -> LoopClock:
     return clock
 
 
+def peft_config(hp: dict):
+    """The recipe's LoRA as a ``peft.LoraConfig`` (None without LoRA)."""
+    if not hp.get("lora"):
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", **hp["lora"])
+
+
 def run_trl_grpo(spec: dict) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from lit_reason.tasks import get_task
-
-    hp = recipe_init_args("grpo", spec.get("overrides"))
-    task = get_task("arithmetic")
-    folder = str(policy_folder())
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    hp = recipe_init_args("grpo", spec.get("overrides"), spec["recipes"])
+    model, tokenizer = load_start_policy(hp)
+    task = recipe_task(hp, tokenizer)
     eos = tokenizer.eos_token_id
     rows = task.examples("train")
     dataset = Dataset.from_list([{"prompt": task.prompt(r), "row": json.dumps(r)} for r in rows])
@@ -227,7 +267,7 @@ def run_trl_grpo(spec: dict) -> dict:
 
     G = hp["samples_per_prompt"]
     config = GRPOConfig(
-        **trl_common(spec),
+        **trl_common(spec, hp),
         max_steps=spec["steps"], learning_rate=hp["lr"], lr_scheduler_type="constant", warmup_steps=0,
         num_generations=G, generation_batch_size=hp["prompts_per_iteration"] * G,
         per_device_train_batch_size=hp["minibatch_size"], num_iterations=hp["epochs_per_iteration"],
@@ -237,7 +277,7 @@ def run_trl_grpo(spec: dict) -> dict:
         log_completions=False,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=task_reward, args=config, train_dataset=dataset,
-                          processing_class=tokenizer)
+                          processing_class=tokenizer, peft_config=peft_config(hp))
     clock = trl_clock(trainer)
     sampling = Timer(trainer._generate, count=lambda out: sum(len(ids) for ids in out[1]))
     trainer._generate = sampling
@@ -249,13 +289,12 @@ def run_trl_grpo(spec: dict) -> dict:
     out = {"steps": int(trainer.state.global_step), "train_seconds": train_seconds, "loop_seconds": clock.seconds,
            "peak_rss_mb": peak_rss_mb(), "generation_seconds": sampling.seconds, "rollout_seconds": rollout_phase.seconds,
            "generated_tokens": sampling.total}
-    out["end_accuracy"] = held_out_accuracy(trainer.model, tokenizer, spec["eval_limit"])
+    out["end_accuracy"] = held_out_accuracy(trainer.model, tokenizer, spec["eval_limit"], hp)
     return out
 
 
 def run_trl_dpo(spec: dict) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     class PretokenizedDPOTrainer(DPOTrainer):
@@ -264,28 +303,26 @@ def run_trl_dpo(spec: dict) -> dict:
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
 
-    hp = recipe_init_args("dpo", spec.get("overrides"))
+    hp = recipe_init_args("dpo", spec.get("overrides"), spec["recipes"])
     pairs = json.loads(Path(spec["pairs"]).read_text())
-    folder = str(policy_folder())
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model, tokenizer = load_start_policy(hp)
     steps = spec["steps"]
     config = DPOConfig(
-        **trl_common(spec),
+        **trl_common(spec, hp),
         max_steps=steps, learning_rate=hp["lr"], per_device_train_batch_size=hp["batch_size"],
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
         warmup_steps=int(0.03 * steps), beta=hp["beta"], loss_type=["sigmoid"], max_length=None,
         precompute_ref_log_probs=False, disable_dropout=True,
     )
     trainer = PretokenizedDPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs),
-                                     processing_class=tokenizer)
+                                     processing_class=tokenizer, peft_config=peft_config(hp))
     clock = trl_clock(trainer)
     started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - started
     out = {"steps": int(trainer.state.global_step), "train_seconds": train_seconds, "loop_seconds": clock.seconds,
            "peak_rss_mb": peak_rss_mb()}
-    out["end_accuracy"] = held_out_accuracy(trainer.model, tokenizer, spec["eval_limit"])
+    out["end_accuracy"] = held_out_accuracy(trainer.model, tokenizer, spec["eval_limit"], hp)
     return out
 
 
@@ -295,7 +332,7 @@ def prepare_dpo_pairs(spec: dict) -> dict:
     lit_reason's pairs (``DPO.select_items``) as token ids for TRL."""
     collect = spec["collect"] or "null"
     cli = ours_cli("dpo", spec["seed"], None, Path(spec["rundir"]),
-                   ["--model.init_args.data", spec["data"], "--model.init_args.collect", collect])
+                   ["--model.init_args.data", spec["data"], "--model.init_args.collect", collect], spec["recipes"])
     module = cli.model
     if module.builds_data():
         module.build_dataset(Path(spec["data"]))
@@ -303,17 +340,16 @@ def prepare_dpo_pairs(spec: dict) -> dict:
     rows = [{"prompt_ids": list(w["prompt_ids"]), "chosen_ids": list(w["response_ids"]),
              "rejected_ids": list(lose["response_ids"])} for w, lose in pairs]
     Path(spec["pairs"]).write_text(json.dumps(rows))
-    batch_size = recipe_init_args("dpo", spec.get("overrides"))["batch_size"]
+    batch_size = recipe_init_args("dpo", spec.get("overrides"), spec["recipes"])["batch_size"]
     # the start policy's accuracy here too: one interpreter fewer
     return {"pairs": len(rows), "batches": -(-len(rows) // batch_size), **start_accuracy(spec)}
 
 
 def start_accuracy(spec: dict) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = str(policy_folder())
-    return {"accuracy": held_out_accuracy(AutoModelForCausalLM.from_pretrained(folder),
-                                          AutoTokenizer.from_pretrained(folder), spec["eval_limit"])}
+    """Held-out greedy accuracy of the start policy of ``spec["method"]``'s recipe."""
+    hp = recipe_init_args(spec["method"], None, spec["recipes"])
+    model, tokenizer = load_start_policy(hp)
+    return {"accuracy": held_out_accuracy(model, tokenizer, spec["eval_limit"], hp)}
 
 
 CHILD = {"ours": run_ours, "trl_grpo": run_trl_grpo, "trl_dpo": run_trl_dpo, "pairs": prepare_dpo_pairs,
@@ -410,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"change a GRPO recipe setting on both sides, one of {SHARED_SETTINGS['grpo']}")
     p.add_argument("--dpo", nargs="+", default=[], metavar="KEY=VALUE",
                    help=f"change a DPO recipe setting on both sides, one of {SHARED_SETTINGS['dpo']}")
+    p.add_argument("--recipes", default="recipes",
+                   help="the recipe folder both sides read (relative to the repository), e.g. recipes/smollm2")
     p.add_argument("--workdir", default="runs/bench/vs_trl")
     p.add_argument("--output", default=None, help="JSON of every run (default: WORKDIR/results.json)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
@@ -426,16 +464,22 @@ def main(argv: list[str] | None = None) -> int:
         saved = [json.loads(Path(f).read_text()) for f in args.table]
         print(table([r for s in saved for r in s["runs"]], saved[0]["start_accuracy"]))
         return 0
+    missing = [m for m in args.methods if not recipe_file(m, args.recipes).is_file()]
+    if missing:
+        raise SystemExit(f"--recipes {args.recipes} has no recipe for {', '.join(missing)} "
+                         f"(no {', '.join(str(recipe_file(m, args.recipes)) for m in missing)}); "
+                         f"pass --methods with the methods it has")
     overrides = {m: parse_overrides(m, getattr(args, m)) for m in SHARED_SETTINGS}
     work = (REPO / args.workdir).resolve()
     data = str((REPO / args.data).resolve())
     base = {"eval_limit": args.eval_limit, "data": data, "dpo_positive_lambda": args.dpo_positive_lambda,
-            "threads": args.threads, "batches": 1}
-    steps = {"grpo": args.steps or recipe_max_steps("grpo")}
-    hp = recipe_init_args("grpo", overrides["grpo"])
+            "threads": args.threads, "batches": 1, "recipes": args.recipes}
+    steps = {"grpo": args.steps or (recipe_max_steps("grpo", args.recipes) if "grpo" in args.methods else 0)}
+    hp = recipe_init_args("grpo", overrides["grpo"], args.recipes) if "grpo" in args.methods else {}
     # an iteration is indivisible in both loops: rollout, then epochs x minibatches optimiser steps
-    per_iteration = -(-hp["prompts_per_iteration"] * hp["samples_per_prompt"] // hp["minibatch_size"]) \
-        * hp["epochs_per_iteration"]
+    if "grpo" in args.methods:
+        per_iteration = -(-hp["prompts_per_iteration"] * hp["samples_per_prompt"] // hp["minibatch_size"]) \
+            * hp["epochs_per_iteration"]
     if "grpo" in args.methods and steps["grpo"] % per_iteration:
         raise SystemExit(f"--steps {steps['grpo']}: GRPO makes {per_iteration} optimiser steps per iteration; "
                          f"use a multiple of {per_iteration}")
@@ -446,13 +490,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work.mkdir(parents=True, exist_ok=True)
     if "dpo" in args.methods:
-        prep = spawn({**base, "kind": "pairs", "seed": 0, "overrides": overrides["dpo"], "collect": args.collect,
+        prep = spawn({**base, "kind": "pairs", "method": "dpo", "seed": 0, "overrides": overrides["dpo"],
+                      "collect": args.collect,
                       "rundir": str(work / "pairs"), "pairs": str(work / "dpo_pairs.json")}, args.timeout)
         steps["dpo"] = args.steps or prep["batches"]
         base["batches"] = prep["batches"]
         print(f"DPO: {prep['pairs']} pairs, {prep['batches']} batches per epoch", flush=True)
     else:
-        prep = spawn({**base, "kind": "start", "seed": 0}, args.timeout)
+        prep = spawn({**base, "kind": "start", "method": args.methods[0], "seed": 0}, args.timeout)
     start = prep["accuracy"]
     print(f"start policy: held-out greedy accuracy {start:.3f} on {args.eval_limit} validation prompts", flush=True)
     results = []

@@ -76,3 +76,29 @@ def test_vs_trl_rejects_settings_it_cannot_apply_to_both_sides():
     # 32 prompts x 4 samples / minibatch 64 x 2 epochs = 4 optimiser steps per iteration
     with pytest.raises(SystemExit, match="multiple of 4"):
         bench.main(["--methods", "grpo", "--steps", "6"])
+
+
+@pytest.mark.slow
+def test_vs_trl_on_the_smollm2_recipes_uses_lora_and_chat_prompts_on_both_sides(tmp_path):
+    """``--recipes recipes/smollm2``: the real SmolLM2-135M-Instruct, LoRA and chat prompts on both
+    sides, one GRPO iteration of 1 prompt x 4 samples; the folder has no DPO recipe, which is refused."""
+    from test_smollm2 import gguf_file_or_skip
+
+    gguf_file_or_skip()
+    if not trl_in_test_extra():
+        pytest.skip("TRL is not in the test extra (pyproject [dev]); the benchmark needs `pip install trl==1.16.*`")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    refused = subprocess.run([sys.executable, "benchmarks/vs_trl.py", "--recipes", "recipes/smollm2", "--methods",
+                              "dpo"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode != 0 and "has no recipe for dpo" in refused.stderr, refused.stderr[-2000:]
+    cmd = [sys.executable, "benchmarks/vs_trl.py", "--recipes", "recipes/smollm2", "--methods", "grpo",
+           "--seeds", "0", "--steps", "1", "--eval-limit", "1", "--threads", "1",
+           "--grpo", "prompts_per_iteration=1", "minibatch_size=4", "--workdir", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = {r["framework"]: r for r in json.loads((tmp_path / "work" / "results.json").read_text())["runs"]}
+    assert set(runs) == {"lit_reason", "trl"}
+    for r in runs.values():
+        assert r["steps"] == 1
+        # 4 samples of at most the recipe's 40 new tokens; a 135M-parameter model's RSS
+        assert 4 <= r["generated_tokens"] <= 4 * 40 and r["peak_rss_mb"] > 500
