@@ -6,7 +6,7 @@ benchmark measures exactly that, on held-out prompts of a collected dataset (``-
 on first use: ``--policy``, default ``embedded:arithmetic``, the first ``--prompts`` training
 prompts x 8 samples at T 0.7, the offline recipes' sampling; the last ``--heldout`` prompts are held out):
 
-* ``best-of-8``: accuracy when each held-out prompt keeps its highest-valued sample
+* ``best-of-K`` (``--samples``, default 8): accuracy when each held-out prompt keeps its highest-valued sample
   (:func:`lit_reason.metrics.best_of_k_accuracy`; the value of the state before EOS, as beam
   search reads it);
 * ``pairs (outcome)``: within-prompt pairwise accuracy, correct vs incorrect sample
@@ -27,8 +27,13 @@ and references that need no value model: random choice (the mean outcome), the p
 likelihood (summed behaviour log-probs at T 0.7), majority vote over answers, and pass@8 (a
 perfect selector).
 
+A real model (``--policy smollm2:135m-instruct``) takes its task config (``--task``, e.g. chat prompts),
+a held-out split (``--split validation``, every prompt held out), training rows from another collection
+(``--train-data``, e.g. the OREO recipe's) and LoRA value models (``--lora``).
+
 Run:  python benchmarks/value_selection.py [--policy embedded:arithmetic] [--prompts 4096] [--heldout 128]
       [--train outcome process] [--epochs 3 4] [--lr 3e-4 5e-4] [--value runs/bench/oreo_beam/value]
+      [--task YAML] [--split S] [--samples K] [--max-new-tokens N] [--train-data DIR] [--lora YAML]
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from lit_reason.data.collect import collect
 from lit_reason.data.selection import group_by_prompt
@@ -65,12 +71,24 @@ def step_states(row: dict) -> list[int]:
     return [e + 1 for e in ends[:-1]] + [ends[-1] if row["finish"] == "eos" else ends[-1] + 1]
 
 
+def label_steps(rows: list[dict], task, split: str, tokenizer) -> list[dict]:
+    """Adds each row's exact process labels (``process``: one per step) in place; returns ``rows``."""
+    examples = task.examples(split)
+    for r in rows:
+        r["process"] = task.step_correctness(examples[r["prompt_index"]], step_texts(r, tokenizer))
+    return rows
+
+
 def train_value_model(policy: str, rows: list[dict], targets: str, epochs: int, lr: float, batch_size: int,
-                      seed: int, pad_token_id: int) -> ValueModel:
-    """A value model from the policy's trunk, regressed onto ``outcome`` or ``process`` labels."""
+                      seed: int, pad_token_id: int, lora: dict | None = None) -> ValueModel:
+    """A value model from the policy's trunk, regressed onto ``outcome`` or ``process`` labels.
+
+    With ``lora`` the trunk is frozen and only its adapter and the head train (a real model's trunk).
+    """
     torch.manual_seed(seed)
-    model = ValueModel.from_policy_name(policy, bias=True, zero_init=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    model = ValueModel.from_policy_name(policy, bias=True, zero_init=True, lora=lora)
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     rows = list(rows)
     model.train()
     for epoch in range(epochs):
@@ -91,18 +109,18 @@ def train_value_model(policy: str, rows: list[dict], targets: str, epochs: int, 
                 loss = ((values[rows_idx, pos] - torch.tensor(labels)) ** 2).mean()
             opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
     return model.eval()
 
 
 def score(values_fn, rows: list[dict]) -> dict:
-    """best-of-8 / outcome pairs / step pairs of one scorer on the held-out rows."""
+    """best-of-K / outcome pairs / step pairs of one scorer on the held-out rows."""
     finals = [r["prompt_ids"] + r["response_ids"][: step_states(r)[-1]] for r in rows]
     groups = [r["prompt_index"] for r in rows]
     outcomes = [float(r["reward"] > 0.5) for r in rows]
     v = values_fn(finals)
-    out = {"best-of-8": best_of_k_accuracy(v, outcomes, groups)[0],
+    out = {"best-of-k": best_of_k_accuracy(v, outcomes, groups)[0],
            "pairs (outcome)": pairwise_outcome_accuracy(v, outcomes, groups)[0]}
     states, labels, state_groups = [], [], []
     for r in rows:
@@ -135,9 +153,19 @@ def majority_vote(groups: list[list[dict]], task) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--policy", default=POLICY, help="the sampling policy; value models start from its trunk")
+    ap.add_argument("--task", type=yaml.safe_load, default={"name": "arithmetic"},
+                    help="arithmetic task config as YAML, e.g. '{name: arithmetic, num_operands: 3, prompt_format: chat}'")
+    ap.add_argument("--split", default="train", help="task split the prompts of --data come from")
     ap.add_argument("--data", default=None, help="collected dataset (default runs/data/arithmetic-t0.7-k8-<prompts>)")
     ap.add_argument("--prompts", type=int, default=4096)
-    ap.add_argument("--heldout", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=8, help="samples per prompt (best-of-K reads K of them)")
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="collection's response length limit")
+    ap.add_argument("--heldout", type=int, default=128, help="the last N prompts of --data are scored")
+    ap.add_argument("--train-data", default=None,
+                    help="train value models on every row of this dataset instead of --data's other prompts "
+                         "(e.g. an offline recipe's collection, so that --data can be a held-out split)")
+    ap.add_argument("--lora", type=yaml.safe_load, default=None,
+                    help="train value models as LoRA adapters on a frozen trunk, e.g. '{r: 8, target_modules: all-linear}'")
     ap.add_argument("--train", nargs="*", default=["outcome", "process"], choices=["outcome", "process"])
     ap.add_argument("--epochs", type=int, nargs="*", default=[3, 4], help="one per --train entry")
     ap.add_argument("--lr", type=float, nargs="*", default=[3e-4, 5e-4], help="one per --train entry")
@@ -149,18 +177,30 @@ def main() -> None:
         ap.error(f"--epochs {args.epochs} and --lr {args.lr} need one entry per --train entry {args.train}")
     if args.policy != POLICY and args.data is None:
         ap.error(f"--policy {args.policy} needs its own --data folder (the default one holds {POLICY}'s samples)")
+    if not isinstance(args.task, dict) or args.task.get("name") != "arithmetic":
+        # the step-pair column needs exact process labels, which only the arithmetic task has
+        ap.error(f"--task {args.task!r}: give an arithmetic task config, e.g. '{{name: arithmetic, num_operands: 3}}'")
 
-    task = get_task("arithmetic")
+    task = get_task(**args.task)
     tokenizer = load_tokenizer(args.policy)
     data = Path(args.data or f"runs/data/arithmetic-t0.7-k8-{args.prompts}")
-    collect(args.policy, task, data, samples=8, limit=args.prompts, temperature=0.7, seed=args.seed)
+    collect(args.policy, task, data, samples=args.samples, split=args.split, limit=args.prompts, temperature=0.7,
+            max_new_tokens=args.max_new_tokens, seed=args.seed)
     dataset = TrajectoryDataset(data)  # collect() refused a folder holding another policy, task or tokenizer
-    examples = task.examples(dataset.meta.get("split", "train"))
-    for r in dataset.rows:
-        r["process"] = task.step_correctness(examples[r["prompt_index"]], step_texts(r, tokenizer))
+    label_steps(dataset.rows, task, dataset.meta.get("split", "train"), tokenizer)
     cut = dataset.num_prompts - args.heldout
-    train = [r for r in dataset.rows if r["prompt_index"] < cut]
     heldout = [r for r in dataset.rows if r["prompt_index"] >= cut]
+    if args.train_data:
+        train_set = TrajectoryDataset(args.train_data)
+        if train_set.meta.get("task") != dataset.meta.get("task"):
+            ap.error(f"--train-data {args.train_data} holds task {train_set.meta.get('task')!r}, "
+                     f"--data {data} holds {dataset.meta.get('task')!r}")
+        train = label_steps(train_set.rows, task, train_set.meta.get("split", "train"), tokenizer)
+    else:
+        train = [r for r in dataset.rows if r["prompt_index"] < cut]
+    if args.train and not train:
+        ap.error(f"no training rows: --heldout {args.heldout} holds out all {dataset.num_prompts} prompts of "
+                 f"{data}; give --train-data or --train with no entries")
     pad = tokenizer.pad_token_id
     groups = list(group_by_prompt(heldout).values())
     sizes = [len(g) for g in groups]
@@ -172,22 +212,23 @@ def main() -> None:
                   best_of_k_accuracy(lik, [float(r["reward"] > 0.5) for r in heldout],
                                      [r["prompt_index"] for r in heldout])[0], "", "", ""))
     table.append(("majority vote", majority_vote(groups, task), "", "", ""))
-    table.append(("pass@8 (perfect selector)",
+    table.append((f"pass@{max(sizes)} (perfect selector)",
                   sum(any(r["reward"] > 0.5 for r in g) for g in groups) / len(groups), "", "", ""))
     for targets, epochs, lr in zip(args.train, args.epochs, args.lr):
         start = time.perf_counter()
-        model = train_value_model(args.policy, train, targets, epochs, lr, args.batch_size, args.seed, pad)
+        model = train_value_model(args.policy, train, targets, epochs, lr, args.batch_size, args.seed, pad, args.lora)
         seconds = time.perf_counter() - start
         s = score(model_values(model, pad), heldout)
-        table.append((f"value model, {targets} labels ({epochs} ep, lr {lr:g})", s["best-of-8"],
+        table.append((f"value model, {targets} labels ({epochs} ep, lr {lr:g})", s["best-of-k"],
                       s["pairs (outcome)"], s["pairs (steps)"], f"{seconds:.0f}"))
     for folder in args.value:
         s = score(model_values(ValueModel.load(folder).eval(), pad), heldout)
-        table.append((f"saved value model {folder}", s["best-of-8"], s["pairs (outcome)"], s["pairs (steps)"], ""))
+        table.append((f"saved value model {folder}", s["best-of-k"], s["pairs (outcome)"], s["pairs (steps)"], ""))
 
-    print(f"\n{len(groups)} held-out prompts x {min(sizes)}-{max(sizes)} samples; "
-          f"{len(train)} training rows from {cut} prompts ({data})\n")
-    print("| scorer | best-of-8 accuracy | pairs (outcome) | pairs (steps) | train s |")
+    source = args.train_data or f"{cut} prompts of {data}"
+    print(f"\n{len(groups)} held-out prompts x {min(sizes)}-{max(sizes)} samples ({data}); "
+          f"{len(train)} training rows ({source})\n")
+    print(f"| scorer | best-of-{max(sizes)} accuracy | pairs (outcome) | pairs (steps) | train s |")
     print("| --- | --- | --- | --- | --- |")
     for name, *cols in table:
         print(f"| {name} | " + " | ".join(c if isinstance(c, str) else f"{c:.3f}" for c in cols) + " |")
