@@ -168,13 +168,16 @@ def collect(
         engine.reseed(td.chunk_seed(seed, first))
         generations = engine.sample(prompt_ids, samples, desc="collect")
         traj = build_batch(tokenizer, splitter, task, prompt_ids, chunk_prompts, chunk_examples, generations, samples)
-        logprobs = []
-        with torch.no_grad(), eval_mode(model):
-            for idx in torch.arange(len(traj)).split(batch_size):
-                mb = traj.select(idx).to(device)
-                logprobs.append(response_logprobs(model, mb.input_ids, mb.attention_mask, mb.prompt_len,
-                                                  temperature).float().cpu())
-        logprobs_t = torch.cat(logprobs)
+        if traj.old_logprobs is not None:
+            logprobs_t = traj.old_logprobs.float().cpu()  # the sampler's own, at the sampling temperature
+        else:
+            logprobs = []
+            with torch.no_grad(), eval_mode(model):
+                for idx in torch.arange(len(traj)).split(batch_size):
+                    mb = traj.select(idx).to(device)
+                    logprobs.append(response_logprobs(model, mb.input_ids, mb.attention_mask, mb.prompt_len,
+                                                      temperature).float().cpu())
+            logprobs_t = torch.cat(logprobs)
         rows = []
         for b, gen in enumerate(generations):
             i, j = divmod(b, samples)
