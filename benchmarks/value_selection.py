@@ -114,29 +114,39 @@ def train_value_model(policy: str, rows: list[dict], targets: str, epochs: int, 
     return model.eval()
 
 
-def score(values_fn, rows: list[dict]) -> dict:
-    """best-of-K / outcome pairs / step pairs of one scorer on the held-out rows."""
-    finals = [r["prompt_ids"] + r["response_ids"][: step_states(r)[-1]] for r in rows]
+def score(model: ValueModel, rows: list[dict], pad_token_id: int, batch_size: int = 64) -> dict:
+    """best-of-K / outcome pairs / step pairs of one value model on the held-out rows.
+
+    One forward pass per row reads every state's value at once: causal attention makes the value
+    at the last token of a prefix the same as that of the prefix scored alone (right padding only),
+    and scoring each step's prefix separately cost a real model's trunk several passes per row.
+    """
+    values = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            seqs = [r["prompt_ids"] + r["response_ids"] for r in chunk]
+            width = max(len(q) for q in seqs)
+            ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, q in enumerate(seqs):
+                ids[i, : len(q)], mask[i, : len(q)] = torch.as_tensor(q), 1
+            v = model(ids, mask).float()  # [b, width]: the value of the prefix ending at each position
+            # state s_t (t response tokens) ends at position len(prompt) - 1 + t
+            values += [v[i, len(r["prompt_ids"]) - 1 : len(q)] for i, (r, q) in enumerate(zip(chunk, seqs))]
     groups = [r["prompt_index"] for r in rows]
     outcomes = [float(r["reward"] > 0.5) for r in rows]
-    v = values_fn(finals)
-    out = {"best-of-k": best_of_k_accuracy(v, outcomes, groups)[0],
-           "pairs (outcome)": pairwise_outcome_accuracy(v, outcomes, groups)[0]}
+    finals = torch.stack([v[step_states(r)[-1]] for v, r in zip(values, rows)])
+    out = {"best-of-k": best_of_k_accuracy(finals, outcomes, groups)[0],
+           "pairs (outcome)": pairwise_outcome_accuracy(finals, outcomes, groups)[0]}
     states, labels, state_groups = [], [], []
-    for r in rows:
+    for v, r in zip(values, rows):
         for t, label in zip(step_states(r), r["process"]):
-            states.append(r["prompt_ids"] + r["response_ids"][:t])
+            states.append(v[t])
             labels.append(float(label))
             state_groups.append(r["prompt_index"])
-    out["pairs (steps)"] = pairwise_outcome_accuracy(values_fn(states), labels, state_groups)[0]
+    out["pairs (steps)"] = pairwise_outcome_accuracy(torch.stack(states), labels, state_groups)[0]
     return out
-
-
-def model_values(model: ValueModel, pad_token_id: int):
-    def fn(seqs):
-        with torch.no_grad():
-            return model.values_of(seqs, pad_token_id, batch_size=128).float()
-    return fn
 
 
 def majority_vote(groups: list[list[dict]], task) -> float:
@@ -218,11 +228,11 @@ def main() -> None:
         start = time.perf_counter()
         model = train_value_model(args.policy, train, targets, epochs, lr, args.batch_size, args.seed, pad, args.lora)
         seconds = time.perf_counter() - start
-        s = score(model_values(model, pad), heldout)
+        s = score(model, heldout, pad)
         table.append((f"value model, {targets} labels ({epochs} ep, lr {lr:g})", s["best-of-k"],
                       s["pairs (outcome)"], s["pairs (steps)"], f"{seconds:.0f}"))
     for folder in args.value:
-        s = score(model_values(ValueModel.load(folder).eval(), pad), heldout)
+        s = score(ValueModel.load(folder).eval(), heldout, pad)
         table.append((f"saved value model {folder}", s["best-of-k"], s["pairs (outcome)"], s["pairs (steps)"], ""))
 
     source = args.train_data or f"{cut} prompts of {data}"
