@@ -172,6 +172,23 @@ def test_evaluate_writes_table_and_json(fit_run, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # written atomically, no temp file
 
 
+def test_evaluate_task_config_sets_the_tasks_arguments(fit_run, tmp_path):
+    out = tmp_path / "out.json"
+    proc = run_cli(["evaluate", "--policy", str(fit_run["export"]), "--task", "arithmetic", "--limit", "3",
+                    "--max-new-tokens", "4", "--task-config", "{num_operands: 3, n_train: 20, n_validation: 5, n_test: 3}", "--output", str(out)],
+                   cache=fit_run["tmp"] / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from lit_reason.tasks import get_task
+
+    task = get_task("arithmetic", num_operands=3, n_train=20, n_validation=5, n_test=3)
+    records = json.loads(out.read_text())["records"]
+    assert [r["prompt"] for r in records] == [task.prompt(e) for e in task.examples("test")]
+    assert all(r["prompt"].count("+") + r["prompt"].count("-") >= 2 for r in records)  # 3 operands
+    bad = run_cli(["evaluate", "--policy", str(fit_run["export"]), "--task", "arithmetic", "--task-config", "[3]"],
+                  cache=fit_run["tmp"] / "cache")
+    assert bad.returncode == 2 and "--task-config" in bad.stderr
+
+
 def test_evaluate_unknown_task(fit_run):
     proc = run_cli(["evaluate", "--policy", str(fit_run["export"]), "--task", "nosuch"], cache=fit_run["tmp"] / "cache")
     assert proc.returncode != 0

@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lit_reason evaluate", description="Evaluate a policy on a task.")
     p.add_argument("--policy", required=True, help="embedded:arithmetic, a save_pretrained folder, or a hub name")
     p.add_argument("--task", required=True, help="task name: arithmetic, gsm8k, math")
+    p.add_argument("--task-config", default=None, metavar="YAML",
+                   help="more task arguments as a YAML mapping, e.g. a recipe's "
+                        "'{num_operands: 3, n_train: 2000, n_validation: 200, n_test: 500}'")
     p.add_argument("--data", default=None, help="task data: a folder or jsonl file (gsm8k, math); default: $LIT_REASON_DATA")
     p.add_argument("--split", default="test")
     p.add_argument("--prompt-format", choices=("plain", "chat"), default="plain",
@@ -103,6 +106,14 @@ def _run(argv: list[str]) -> int:
 
     # the task (a light import) first, so a typo in --task or --data fails before torch loads
     task_kwargs = {"path": args.data} if args.data else {}
+    if args.task_config is not None:
+        import yaml
+
+        extra = yaml.safe_load(args.task_config)
+        if not isinstance(extra, dict) or "name" in extra or "prompt_format" in extra:
+            raise ValueError(f"--task-config {args.task_config!r}: give a YAML mapping of task arguments "
+                             f"(not name or prompt_format: use --task and --prompt-format)")
+        task_kwargs.update(extra)
     if args.prompt_format == "chat":
         task_kwargs["prompt_format"] = {"kind": "chat", "system": args.system, "instruction": args.instruction}
     elif args.system is not None or args.instruction != "default":
