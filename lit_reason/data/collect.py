@@ -97,12 +97,10 @@ def collect(
     Raises:
         ValueError: Bad settings, or ``output`` holds another dataset (the differing keys named).
     """
-    import torch
     from tqdm.auto import tqdm
 
     from lit_reason.data import trajectories as td
-    from lit_reason.models.logprobs import response_logprobs
-    from lit_reason.rollout.sampler import RolloutEngine, check_sampling, eval_mode
+    from lit_reason.rollout.sampler import RolloutEngine, check_sampling
     from lit_reason.rollout.trajectories import build_batch, encode_prompts
 
     if samples < 1:
@@ -156,7 +154,6 @@ def collect(
 
     engine = RolloutEngine(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            batch_size=batch_size, seed=seed, progress=False)
-    device = next(model.parameters()).device
     chunks = [(s, min(s + chunk_size, len(examples)) - 1) for s in range(0, len(examples), chunk_size)]
     todo = [c for c in chunks if c not in done]
     bar = tqdm(todo, desc="collect", unit="chunk", total=len(chunks), initial=len(chunks) - len(todo),
@@ -168,16 +165,8 @@ def collect(
         engine.reseed(td.chunk_seed(seed, first))
         generations = engine.sample(prompt_ids, samples, desc="collect")
         traj = build_batch(tokenizer, splitter, task, prompt_ids, chunk_prompts, chunk_examples, generations, samples)
-        if traj.old_logprobs is not None:
-            logprobs_t = traj.old_logprobs.float().cpu()  # the sampler's own, at the sampling temperature
-        else:
-            logprobs = []
-            with torch.no_grad(), eval_mode(model):
-                for idx in torch.arange(len(traj)).split(batch_size):
-                    mb = traj.select(idx).to(device)
-                    logprobs.append(response_logprobs(model, mb.input_ids, mb.attention_mask, mb.prompt_len,
-                                                      temperature).float().cpu())
-            logprobs_t = torch.cat(logprobs)
+        # the sampler's own log-probs at the sampling temperature (> 0 above, so always present)
+        logprobs_t = traj.old_logprobs.float().cpu()
         rows = []
         for b, gen in enumerate(generations):
             i, j = divmod(b, samples)

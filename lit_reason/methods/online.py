@@ -125,12 +125,13 @@ class OnlineRL(RLModule):
         """
         traj = rollout(self.engine, self.task, self.splitter, examples, k=self.hparams.samples_per_prompt).to(self.device)
         T = self.hparams.temperature
-        recompute = self.hparams.recompute_old_logprobs or traj.old_logprobs is None
+        # temperature > 0 (checked in __init__), so the sampler has returned the old log-probs
+        recompute = self.hparams.recompute_old_logprobs
+        groups = self.hparams.length_groups
         self.policy.eval()
         old, ref = [], []
         for idx in torch.arange(len(traj)).split(self.hparams.minibatch_size):
             mb = traj.select(idx)
-            groups = self.hparams.length_groups
             if recompute:
                 old.append(response_logprobs(self.policy, mb.input_ids, mb.attention_mask, mb.prompt_len, T, groups))
             ref.append(self.reference.logprobs(mb.input_ids, mb.attention_mask, mb.prompt_len, T, groups))
